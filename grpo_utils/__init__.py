@@ -1,0 +1,1 @@
+"""Components for GRPO-family RL training of language models on TorchRL."""
