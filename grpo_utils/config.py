@@ -1,0 +1,135 @@
+"""Config validation: every inconsistent or unknown setting fails before any heavy work,
+with one line naming the key."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from grpo_utils.advantages import SCALES
+from grpo_utils.data import DATASETS
+from grpo_utils.models import DTYPES
+
+# Allowed keys per section. ``loss`` is checked by the loss class itself (its constructor).
+SCHEMA: dict[str, set[str]] = {
+    "": {"defaults", "mode", "loss", "seed", "resume", "logger", "wandb", "device", "num_threads",
+         "model", "env", "generation", "reward", "advantage", "train", "checkpoint", "eval"},
+    "mode": {"name"},
+    "wandb": {"project", "run_name"},
+    "model": {"name", "dtype", "gradient_checkpointing"},
+    "env": {"dataset", "train_path", "test_path", "prompt_field", "answer_field", "prompt_format",
+            "system_prompt", "chat_template", "num_prompts", "group_size", "shuffle", "quickstart"},
+    "env.quickstart": {"num_train", "num_test"},
+    "generation": {"max_new_tokens", "temperature", "top_p", "top_k", "min_new_tokens"},
+    "reward": {"name", "format_weight", "require_format"},
+    "advantage": {"scale", "eps"},
+    "train": {"max_steps", "epochs", "optim_batch_size", "grad_accum_steps", "lr", "weight_decay",
+              "betas", "adam_eps", "max_grad_norm", "warmup_steps", "min_lr_ratio"},
+    "checkpoint": {"every_n_steps", "keep_last"},
+    "eval": {"heldout_size", "before_after", "every_n_steps", "batch_size"},
+}
+LOGGERS = ("none", "wandb")
+
+
+class ConfigError(ValueError):
+    """A config value is inconsistent or unknown; the message names the key."""
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    for section, allowed in SCHEMA.items():
+        node = OmegaConf.select(cfg, section) if section else cfg
+        if node is None:
+            if section in ("wandb",):
+                continue
+            raise ConfigError(f"missing config section '{section}'")
+        for key in node.keys():
+            if key not in allowed:
+                where = f"{section}.{key}" if section else str(key)
+                raise ConfigError(f"unknown config key '{where}'; allowed in '{section or 'top level'}': "
+                                  f"{', '.join(sorted(allowed))}")
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: DictConfig, mode: str) -> None:
+    """Raise :class:`ConfigError` on the first problem found."""
+    _check_keys(cfg)
+    _require(cfg.mode.name == mode,
+             f"mode={cfg.mode.name} cannot run with grpo-{mode}.py; use grpo-{cfg.mode.name}.py "
+             f"or mode={mode}")
+    _require(cfg.logger in LOGGERS, f"logger={cfg.logger!r} is unknown; expected one of {', '.join(LOGGERS)}")
+    _require(cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype!r}; expected one of {', '.join(DTYPES)}")
+
+    env = cfg.env
+    _require(env.dataset in DATASETS, f"env.dataset={env.dataset!r} is unknown; expected one of {', '.join(DATASETS)}")
+    if env.dataset != "quickstart":
+        for key in ("train_path", "test_path"):
+            path = env[key]
+            _require(path is not None, f"env.{key} is required for env.dataset={env.dataset}")
+            _require(Path(path).is_file(), f"env.{key}={path}: file not found")
+    _require(env.num_prompts >= 1, f"env.num_prompts={env.num_prompts} must be >= 1")
+    _require(env.group_size >= 2, f"env.group_size={env.group_size} must be >= 2 (advantages are relative to the group)")
+
+    gen = cfg.generation
+    _require(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens} must be >= 1")
+    _require(gen.temperature > 0, f"generation.temperature={gen.temperature} must be > 0")
+    _require(0 < gen.top_p <= 1, f"generation.top_p={gen.top_p} must be in (0, 1]")
+    _require(gen.top_k >= 0, f"generation.top_k={gen.top_k} must be >= 0 (0 = unrestricted)")
+    _require(0 <= gen.min_new_tokens <= gen.max_new_tokens,
+             f"generation.min_new_tokens={gen.min_new_tokens} must be in [0, max_new_tokens]")
+
+    _require(cfg.advantage.scale in SCALES,
+             f"advantage.scale={cfg.advantage.scale!r} is unknown; expected one of {', '.join(SCALES)}")
+    _require(cfg.advantage.eps >= 0, f"advantage.eps={cfg.advantage.eps} must be >= 0")
+
+    t = cfg.train
+    rollout_size = env.num_prompts * env.group_size
+    _require(t.max_steps >= 1, f"train.max_steps={t.max_steps} must be >= 1")
+    _require(t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1")
+    _require(t.optim_batch_size >= 1 and rollout_size % t.optim_batch_size == 0,
+             f"train.optim_batch_size={t.optim_batch_size} must divide the rollout size "
+             f"env.num_prompts*env.group_size={rollout_size}")
+    _require(t.grad_accum_steps >= 1 and t.optim_batch_size % t.grad_accum_steps == 0,
+             f"train.optim_batch_size={t.optim_batch_size} is not divisible by "
+             f"train.grad_accum_steps={t.grad_accum_steps}")
+    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"train.betas={list(t.betas)} must be two values in [0, 1)")
+    _require(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm} must be > 0")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+
+    _require(cfg.checkpoint.every_n_steps >= 0, f"checkpoint.every_n_steps={cfg.checkpoint.every_n_steps} must be >= 0")
+    _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
+             f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1 or null")
+    _require(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps={cfg.eval.every_n_steps} must be >= 0")
+    _require(cfg.eval.heldout_size >= 0, f"eval.heldout_size={cfg.eval.heldout_size} must be >= 0")
+    _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
+    _require(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0")
+    resolve_device(cfg.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a torch device; expected auto, cpu, cuda or cuda:N") from None
+    _require(device.type != "cuda" or torch.cuda.is_available(), f"device={name} but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))

@@ -1,0 +1,48 @@
+"""Per-token log-probabilities and entropies of response tokens under a causal LM.
+
+One function serves behaviour log-probs, training log-probs and reference log-probs, so the
+three are computed identically (same positions, same temperature) and the importance ratio
+is exactly 1 when the weights are the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Left padding: positions must count real tokens only, as ``generate`` does.
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_log_probs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_start: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs ``[B, T]`` (and entropies) of ``input_ids[:, response_start:]``.
+
+    Logits are divided by the sampling temperature so the distribution matches the one the
+    tokens were sampled from.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    logits = out.logits[:, response_start - 1 : -1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    log_z = torch.logsumexp(logits, dim=-1)
+    targets = input_ids[:, response_start:]
+    token_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    log_probs = token_logits - log_z
+    entropy = None
+    if with_entropy:
+        probs = torch.softmax(logits, dim=-1)
+        entropy = log_z - (probs * logits).sum(-1)
+    return log_probs, entropy

@@ -1,0 +1,48 @@
+"""Loading the policy, the reference model and the tokenizer from a Hugging Face path or name."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_model_path(name: str) -> str:
+    """``builtin:quickstart`` builds (once) the tiny warm-started model; anything else is passed
+    to ``from_pretrained`` as is (a local directory or a hub name)."""
+    if name == "builtin:quickstart":
+        from grpo_utils.quickstart import ensure_quickstart_model
+
+        return str(ensure_quickstart_model())
+    if name.startswith(BUILTIN_PREFIX):
+        raise ValueError(f"model.name={name!r} is unknown; the only builtin is 'builtin:quickstart'")
+    return name
+
+
+def load_tokenizer(path: str):
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(model_cfg, device: torch.device) -> tuple[torch.nn.Module, object, str]:
+    path = resolve_model_path(model_cfg.name)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_cfg.dtype]).to(device)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, path
+
+
+def make_reference(policy: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of the initial policy (only built when a KL-to-reference term is on)."""
+    ref = copy.deepcopy(policy).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref

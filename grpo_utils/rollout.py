@@ -1,0 +1,146 @@
+"""Rollout: prompts -> G completions each -> rewards -> group advantages, as one dense batch.
+
+Generation goes through TorchRL's ``TransformersWrapper`` (tokens in, tokens out) in ONE call
+for all P x G completions of a step. Off the shelf, TorchRL's ``LLMCollector`` over a
+``DatasetChatEnv`` calls ``generate`` once per repeat and clones lazily stacked histories
+(about 10x a bare loop on a tiny model), so prompts are rendered and tokenized here, once per
+distinct prompt, and the batch stays a dense ``TensorDict`` that TorchRL's replay buffer
+stores without copies.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+
+from grpo_utils.advantages import group_advantages, zero_advantage_group_fraction
+from grpo_utils.data import PromptRenderer
+from grpo_utils.rewards import RewardFunction
+
+
+def generation_kwargs(gen_cfg, vocab_size: int, greedy: bool = False) -> dict[str, Any]:
+    """HF ``generate`` kwargs. HF rejects ``top_k=0``; unrestricted means ``top_k=vocab_size``."""
+    if greedy:
+        return {"max_new_tokens": gen_cfg.max_new_tokens, "do_sample": False,
+                "temperature": None, "top_p": None, "top_k": None}
+    return {
+        "max_new_tokens": gen_cfg.max_new_tokens,
+        "do_sample": True,
+        "temperature": gen_cfg.temperature,
+        "top_p": gen_cfg.top_p,
+        "top_k": gen_cfg.top_k if gen_cfg.top_k > 0 else vocab_size,
+        "min_new_tokens": gen_cfg.get("min_new_tokens", 0) or None,
+    }
+
+
+def make_generator(model, tokenizer, gen_kwargs: dict[str, Any]):
+    from torchrl.modules.llm import TransformersWrapper
+
+    return TransformersWrapper(
+        model,
+        tokenizer=tokenizer,
+        input_mode="tokens",
+        generate=True,
+        return_log_probs=False,  # recomputed exactly by grpo_utils.logprobs (TorchRL zeroes token 0)
+        pad_output=True,
+        generate_kwargs={k: v for k, v in gen_kwargs.items() if v is not None},
+    )
+
+
+def response_mask(response: torch.Tensor, eos_token_id: int, pad_token_id: int | None) -> torch.Tensor:
+    """True up to and including the first EOS; everything after it is padding."""
+    is_eos = response == eos_token_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    mask = ~after_eos
+    if pad_token_id is not None and pad_token_id != eos_token_id:
+        mask &= response != pad_token_id
+    return mask
+
+
+class GroupRollout:
+    """Samples ``group_size`` completions for each prompt of a batch and scores them."""
+
+    def __init__(self, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
+                 gen_kwargs: dict[str, Any], group_size: int, adv_scale: str, adv_eps: float):
+        self.tokenizer = tokenizer
+        self.renderer = renderer
+        self.reward_fn = reward_fn
+        self.group_size = group_size
+        self.adv_scale = adv_scale
+        self.adv_eps = adv_eps
+        self.generator = make_generator(model, tokenizer, gen_kwargs)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        self._prompt_cache: dict[str, list[int]] = {}
+
+    def encode_prompts(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and mask; each distinct prompt is rendered and tokenized once."""
+        ids = []
+        for row in rows:
+            text = self.renderer(row)
+            cached = self._prompt_cache.get(text)
+            if cached is None:
+                cached = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                self._prompt_cache[text] = cached
+            ids.append(cached)
+        width = max(map(len, ids))
+        prompt = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, seq in enumerate(ids):
+            prompt[i, width - len(seq):] = torch.tensor(seq)
+            mask[i, width - len(seq):] = 1
+        return prompt, mask
+
+    @torch.no_grad()
+    def generate(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt ids, prompt mask and response ids for ``rows`` (one completion per row)."""
+        prompt, prompt_mask = self.encode_prompts(rows)
+        td = TensorDict({"tokens": {"prompt": prompt}, "attention_mask": prompt_mask},
+                        batch_size=[len(rows)])
+        out = self.generator(td)
+        return prompt, prompt_mask, out["tokens", "response"]
+
+    def collect(self, prompt_rows: list[dict[str, Any]], policy_version: int = 0) -> tuple[TensorDict, dict[str, float]]:
+        """One step's batch: ``len(prompt_rows) * group_size`` samples, groups contiguous."""
+        rows = [row for row in prompt_rows for _ in range(self.group_size)]
+        t0 = time.perf_counter()
+        prompt, prompt_mask, response = self.generate(rows)
+        t_gen = time.perf_counter() - t0
+        resp_mask = response_mask(response, self.eos_token_id, self.pad_token_id)
+        completions = self.tokenizer.batch_decode(
+            [r[m] for r, m in zip(response, resp_mask)], skip_special_tokens=True)
+        scores, failures = self.reward_fn(completions, rows)
+        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
+        advantages = group_advantages(rewards, self.group_size, self.adv_scale, self.adv_eps)
+        lengths = resp_mask.sum(-1)
+        truncated = ~(response == self.eos_token_id).any(-1)
+        batch = TensorDict(
+            {
+                "input_ids": torch.cat([prompt, response], dim=1),
+                "attention_mask": torch.cat([prompt_mask, resp_mask.long()], dim=1),
+                "response_mask": resp_mask,
+                "reward": rewards,
+                "advantage": advantages,
+                "policy_version": torch.full((len(rows),), policy_version, dtype=torch.long),
+            },
+            batch_size=[len(rows)],
+        )
+        stats = {
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if len(rows) > 1 else 0.0,
+            "advantage/mean": advantages.mean().item(),
+            "advantage/std": advantages.std().item() if len(rows) > 1 else 0.0,
+            "response_length/mean": lengths.float().mean().item(),
+            "response_length/max": lengths.max().item(),
+            "truncated_fraction": truncated.float().mean().item(),
+            "zero_advantage_groups": zero_advantage_group_fraction(rewards, self.group_size),
+            "reward/failures": float(failures),
+            "time/generate_s": t_gen,
+        }
+        for key in scores[0]:
+            if key != "reward":
+                stats[f"reward/{key}"] = sum(s[key] for s in scores) / len(scores)
+        return batch, stats

@@ -1,0 +1,73 @@
+"""Run set-up shared by the recipes: validate, seed, pick the device, build the parts."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tensordict
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from grpo_utils.config import ConfigError, resolve_device, seed_everything, validate
+from grpo_utils.data import DataError, PromptRenderer, load_split
+from grpo_utils.losses import build_loss
+from grpo_utils.rewards import RewardFunction
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+
+
+def start_run(cfg: DictConfig, mode: str) -> Run:
+    """Validate the config (exits with a one-line message on error), then seed and set threads."""
+    tensordict.set_list_to_stack(True).set()  # TorchRL's LLM modules require it
+    try:
+        validate(cfg, mode)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    return Run(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir), device=resolve_device(cfg.device))
+
+
+def fail(msg: str) -> None:
+    sys.exit(f"error: {msg}")
+
+
+def make_loss(loss_cfg: DictConfig) -> torch.nn.Module:
+    try:
+        return build_loss(loss_cfg)
+    except (ValueError, TypeError) as e:
+        sys.exit(f"config error: loss: {e}")
+
+
+def make_reward(reward_cfg: DictConfig) -> RewardFunction:
+    kwargs = OmegaConf.to_container(reward_cfg, resolve=True)
+    try:
+        return RewardFunction(kwargs.pop("name"), **kwargs)
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
+
+
+def load_rows(env_cfg: DictConfig, heldout_size: int) -> tuple[list[dict], list[dict]]:
+    try:
+        train, test = load_split(env_cfg, "train"), load_split(env_cfg, "test")
+    except DataError as e:
+        sys.exit(f"data error: {e}")
+    return train, test[:heldout_size] if heldout_size else test
+
+
+def make_renderer(env_cfg: DictConfig, tokenizer, sample_row: dict) -> PromptRenderer:
+    try:
+        renderer = PromptRenderer(tokenizer, env_cfg.prompt_format, env_cfg.system_prompt, env_cfg.chat_template)
+        renderer(sample_row)  # fail now, not mid-run, on a template that does not fit the rows
+    except DataError as e:
+        sys.exit(f"config error: {e}")
+    return renderer

@@ -1,0 +1,117 @@
+"""Optimization: AdamW, warmup + cosine LR, exact gradient accumulation, gradient clipping.
+
+One call to :meth:`PolicyTrainer.optimizer_step` is one optimizer step on a mini-batch of
+``optim_batch_size`` sequences, split into ``grad_accum_steps`` micro-batches. Loss
+denominators come from the whole mini-batch (``BatchNormalizer``), so the accumulated gradient
+equals the gradient of the mini-batch in one piece.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+
+from grpo_utils.logprobs import response_log_probs
+from grpo_utils.losses import BatchNormalizer
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   eps: float) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay), not decayed on biases and norms, as is standard for LMs."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class PolicyTrainer:
+    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, train_cfg,
+                 temperature: float, ref_model: torch.nn.Module | None = None):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.ref_model = ref_model
+        self.temperature = temperature
+        self.grad_accum_steps = train_cfg.grad_accum_steps
+        self.max_grad_norm = train_cfg.max_grad_norm
+        self.optimizer = make_optimizer(model, train_cfg.lr, train_cfg.weight_decay,
+                                        tuple(train_cfg.betas), train_cfg.adam_eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio))
+        self.needs_entropy = True  # entropy is always logged
+
+    def _log_probs(self, model, mb: TensorDict, with_entropy: bool):
+        start = mb["input_ids"].shape[1] - mb["response_mask"].shape[1]
+        return response_log_probs(model, mb["input_ids"], mb["attention_mask"], start,
+                                  self.temperature, with_entropy)
+
+    @torch.no_grad()
+    def annotate(self, batch: TensorDict, need_behaviour: bool, micro_batch_size: int) -> None:
+        """Adds behaviour (and reference) log-probs computed with the current weights."""
+        if not need_behaviour and self.ref_model is None:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        old, ref = [], []
+        for mb in batch.split(micro_batch_size):
+            if need_behaviour:
+                old.append(self._log_probs(self.model, mb, False)[0])
+            if self.ref_model is not None:
+                ref.append(self._log_probs(self.ref_model, mb, False)[0])
+        if need_behaviour:
+            batch["old_log_probs"] = torch.cat(old)
+        if self.ref_model is not None:
+            batch["ref_log_probs"] = torch.cat(ref)
+        self.model.train(was_training)
+
+    def optimizer_step(self, minibatch: TensorDict) -> dict[str, float]:
+        """Forward/backward over micro-batches, clip, step. Returns averaged metrics."""
+        t0 = time.perf_counter()
+        self.model.train()
+        normalizer = BatchNormalizer.from_mask(minibatch["response_mask"])
+        sums: dict[str, float] = {}
+        for mb in minibatch.chunk(self.grad_accum_steps):
+            log_probs, entropy = self._log_probs(self.model, mb, with_entropy=True)
+            old = mb.get("old_log_probs", None)
+            out = self.loss_fn(
+                log_probs,
+                log_probs.detach() if old is None else old,
+                mb["advantage"],
+                mb["response_mask"],
+                ref_log_probs=mb.get("ref_log_probs", None),
+                entropy=entropy,
+                normalizer=normalizer,
+            )
+            out.loss.backward()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / self.grad_accum_steps
+            sums["loss"] = sums.get("loss", 0.0) + out.loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums.update({"grad_norm": grad_norm.item(), "lr": lr, "time/train_s": time.perf_counter() - t0})
+        return sums
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,115 @@
+"""Synchronous GRPO: collect P x G completions with the current weights, score them, compute
+group-relative advantages, take optimizer steps on them, repeat.
+
+    python sota-implementations/grpo/grpo-sync.py                       # the quick start
+    python sota-implementations/grpo/grpo-sync.py --config-name grpo_gsm8k train.max_steps=200
+"""
+
+from __future__ import annotations
+
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
+
+from grpo_utils import checkpoint as ckpt
+from grpo_utils.data import PromptStream
+from grpo_utils.evaluation import greedy_accuracy
+from grpo_utils.metrics import MetricsLogger, format_summary, plot_reward_curve, write_summary
+from grpo_utils.models import load_policy, make_reference
+from grpo_utils.rollout import GroupRollout, generation_kwargs, make_generator
+from grpo_utils.setup import load_rows, make_loss, make_renderer, make_reward, start_run
+from grpo_utils.trainer import PolicyTrainer
+
+
+@hydra.main(config_path="../../config", config_name="grpo_quickstart", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run = start_run(cfg, mode="sync")
+    loss_fn, reward_fn = make_loss(cfg.loss), make_reward(cfg.reward)
+    train_rows, heldout_rows = load_rows(cfg.env, cfg.eval.heldout_size)
+
+    # Policy, (reference), rollout and trainer. In sync mode the generator shares the
+    # training module, so weight sync is free and every sample has policy age 0.
+    model, tokenizer, _ = load_policy(cfg.model, run.device)
+    ref_model = make_reference(model) if loss_fn.needs_reference else None
+    renderer = make_renderer(cfg.env, tokenizer, train_rows[0])
+    G = cfg.env.group_size
+    rollout = GroupRollout(model, tokenizer, renderer, reward_fn,
+                           generation_kwargs(cfg.generation, len(tokenizer)), G,
+                           cfg.advantage.scale, cfg.advantage.eps)
+    greedy = make_generator(model, tokenizer, generation_kwargs(cfg.generation, len(tokenizer), greedy=True))
+    trainer = PolicyTrainer(model, loss_fn, cfg.train, cfg.generation.temperature, ref_model)
+    prompts = PromptStream(train_rows, cfg.env.num_prompts, seed=cfg.seed, shuffle=cfg.env.shuffle)
+
+    rollout_size = cfg.env.num_prompts * G
+    updates_per_rollout = cfg.train.epochs * rollout_size // cfg.train.optim_batch_size
+    # Behaviour log-probs are only needed when a batch is reused for several updates; with one
+    # update per rollout the policy that sampled is the one being trained (ratio exactly 1).
+    off_policy_updates = updates_per_rollout > 1
+
+    step, before = 0, None
+    resume_from = ckpt.resolve_resume(cfg.resume, run.run_dir)
+    if resume_from is not None:
+        ckpt.load_model_weights(resume_from, model)
+        state = ckpt.load_trainer_state(resume_from)
+        trainer.load_state_dict(state["trainer"])
+        prompts.load_state_dict(state["prompts"])
+        step, before = state["step"], state.get("heldout_accuracy_before")
+        ckpt.restore_rng_state(state["rng"])
+        print(f"Resumed from {resume_from} at step {step}")
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(run.run_dir, step, model, tokenizer,
+                             {"step": step, "trainer": trainer.state_dict(), "prompts": prompts.state_dict(),
+                              "heldout_accuracy_before": before},
+                             keep_last=cfg.checkpoint.keep_last)
+
+    logger = MetricsLogger(run.run_dir, backend=cfg.logger, project=cfg.wandb.project,
+                           run_name=cfg.wandb.run_name, config=OmegaConf.to_container(cfg, resolve=True),
+                           total_steps=cfg.train.max_steps, start_step=step)
+    t_start = time.perf_counter()
+    if cfg.eval.before_after and before is None:
+        before = greedy_accuracy(rollout, greedy, heldout_rows, cfg.eval.batch_size)["eval/accuracy"]
+        logger.log_eval({"eval/accuracy": before}, step=0)
+
+    while step < cfg.train.max_steps:
+        batch, stats = rollout.collect(prompts.next_batch(), policy_version=step)
+        trainer.annotate(batch, need_behaviour=off_policy_updates,
+                         micro_batch_size=cfg.train.optim_batch_size // cfg.train.grad_accum_steps)
+        # A fresh buffer per rollout: sequence widths change from batch to batch.
+        buffer = ReplayBuffer(storage=LazyTensorStorage(rollout_size), sampler=SamplerWithoutReplacement(),
+                              batch_size=cfg.train.optim_batch_size)
+        buffer.extend(batch)
+        last_saved = step // cfg.checkpoint.every_n_steps if cfg.checkpoint.every_n_steps else 0
+        t_train = 0.0
+        for _ in range(updates_per_rollout):
+            metrics = trainer.optimizer_step(buffer.sample())
+            step += 1
+            t_train += metrics["time/train_s"]
+            tokens = batch["response_mask"].sum().item()
+            metrics["tokens_per_s"] = tokens / (stats["time/generate_s"] + t_train)
+            logger.log({**stats, **metrics, "policy_version": step - 1}, step=step)
+            if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
+                logger.log_eval(greedy_accuracy(rollout, greedy, heldout_rows, cfg.eval.batch_size), step=step)
+            if step >= cfg.train.max_steps:
+                break
+        if cfg.checkpoint.every_n_steps and step // cfg.checkpoint.every_n_steps > last_saved:
+            save(step)  # at a rollout boundary, so resuming replays nothing and skips nothing
+
+    extra = {}
+    if cfg.eval.before_after:
+        after = greedy_accuracy(rollout, greedy, heldout_rows, cfg.eval.batch_size)
+        logger.log_eval(after, step=step)
+        extra = {"heldout_accuracy_before": before, "heldout_accuracy_after": after["eval/accuracy"]}
+    if not ckpt.latest_checkpoint(run.run_dir) or ckpt.latest_checkpoint(run.run_dir).name != f"step_{step}":
+        save(step)
+    logger.close()
+    summary = write_summary(run.run_dir, steps_done=step, wall_time_s=time.perf_counter() - t_start, extra=extra)
+    plot = plot_reward_curve(run.run_dir)
+    print(format_summary(summary))
+    print(f"Run directory: {run.run_dir}" + (f"  (reward curve: {plot.name})" if plot else ""))
+
+
+if __name__ == "__main__":
+    main()
