@@ -66,6 +66,9 @@ def validate(cfg: DictConfig, mode: str) -> None:
              f"mode={cfg.mode.name} cannot run with grpo-{mode}.py; use grpo-{cfg.mode.name}.py "
              f"or mode={mode}")
     _require(cfg.logger in LOGGERS, f"logger={cfg.logger!r} is unknown; expected one of {', '.join(LOGGERS)}")
+    name = cfg.model.name
+    _require(not name.startswith("builtin:") or name == "builtin:quickstart",
+             f"model.name={name!r} is unknown; the only builtin is 'builtin:quickstart'")
     _require(cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype!r}; expected one of {', '.join(DTYPES)}")
 
     env = cfg.env

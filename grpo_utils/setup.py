@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 import tensordict
 import torch
+import transformers
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,6 +30,8 @@ class Run:
 def start_run(cfg: DictConfig, mode: str) -> Run:
     """Validate the config (exits with a one-line message on error), then seed and set threads."""
     tensordict.set_list_to_stack(True).set()  # TorchRL's LLM modules require it
+    logging.getLogger("torchrl").setLevel(logging.WARNING)  # per-step storage INFO lines drown the bar
+    transformers.utils.logging.disable_progress_bar()
     try:
         validate(cfg, mode)
     except ConfigError as e:
@@ -42,8 +47,15 @@ def fail(msg: str) -> None:
 
 
 def make_loss(loss_cfg: DictConfig) -> torch.nn.Module:
+    """Builds ``loss._target_`` with the other keys; a bad key or value is a one-line error."""
+    kwargs = OmegaConf.to_container(loss_cfg, resolve=True)
+    target = kwargs.pop("_target_", None)
     try:
-        return build_loss(loss_cfg)
+        cls = hydra.utils.get_class(target) if target else None
+    except Exception:
+        sys.exit(f"config error: loss._target_={target!r} cannot be imported")
+    try:
+        return cls(**kwargs) if cls else build_loss(kwargs)
     except (ValueError, TypeError) as e:
         sys.exit(f"config error: loss: {e}")
 

@@ -1,0 +1,27 @@
+# Two entry points: `make quickstart` and `make test`. Both create .venv/ when it is absent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch is pinned: an unpinned torch pulls several GB of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: quickstart test bench clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+quickstart: $(VENV)/.installed
+	$(PY) sota-implementations/grpo/grpo-sync.py $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) bench/step_time.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

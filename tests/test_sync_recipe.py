@@ -1,0 +1,156 @@
+"""End to end: the sync recipe launched through Hydra, as a user launches it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from grpo_utils.tiny_model import save_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "sota-implementations" / "grpo" / "grpo-sync.py"
+SHARED = REPO.parent / "shared" / "data"
+
+REQUIRED_KEYS = {"step", "reward/mean", "reward/std", "advantage/mean", "loss", "clip_fraction", "entropy",
+                 "response_length/mean", "grad_norm", "lr", "time/generate_s", "time/train_s", "tokens_per_s"}
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=1)
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict[str, str]:
+    cache = os.environ.get("GRPO_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
+    return {**os.environ, "GRPO_CACHE_DIR": cache, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
+
+
+def run_recipe(env, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    flags = [o for o in overrides if o.startswith("-")]
+    overrides = tuple(o for o in overrides if not o.startswith("-"))
+    proc = subprocess.run([sys.executable, str(RECIPE), *flags, "num_threads=1", *overrides], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tiny_overrides(tiny_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"model.name={tiny_dir}", f"hydra.run.dir={run_dir}", "env.num_prompts=2", "env.group_size=4",
+            "train.optim_batch_size=4", "train.grad_accum_steps=2", "generation.max_new_tokens=6",
+            "eval.heldout_size=8", "eval.every_n_steps=2", *extra]
+
+
+def test_quickstart_learns_across_seeds(env, tmp_path):
+    """The shipped quick start, as a Hydra multirun over two seeds: each job gets its own run
+    directory and each raises held-out greedy accuracy by at least 0.3."""
+    sweep = tmp_path / "sweep"
+    run_recipe(env, "-m", "seed=0,1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${seed}")
+    for seed in (0, 1):
+        run_dir = sweep / str(seed)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["heldout_accuracy_after"] - summary["heldout_accuracy_before"] >= 0.3, summary
+        lines = [r for r in read_lines(run_dir / "metrics.jsonl") if "reward/mean" in r]
+        assert [r["step"] for r in lines] == list(range(1, summary["steps_done"] + 1))
+        assert REQUIRED_KEYS <= lines[0].keys()
+        assert (run_dir / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+        assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_run_dir_contract_and_kl(env, tiny_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_recipe(env, *tiny_overrides(tiny_dir, run_dir, "train.max_steps=3", "checkpoint.every_n_steps=2",
+                                    "loss.kl_coef=0.05", "train.epochs=2"))
+    lines = read_lines(run_dir / "metrics.jsonl")
+    train = [r for r in lines if "reward/mean" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(REQUIRED_KEYS | {"kl_ref"} <= r.keys() for r in train)
+    assert any("eval/accuracy" in r for r in lines)
+    # rollout of 8 sequences, optim batch 4, 2 epochs: 4 updates per rollout; the first is on-policy
+    assert train[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-5)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_done"] == 3 and "heldout_accuracy_after" in summary
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_3", "step_4"] or ckpts == ["step_3"] or "step_3" in ckpts
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step_3")
+    assert model.config.model_type == "qwen2"
+    assert (run_dir / "checkpoints" / "step_3" / "trainer_state.pt").is_file()
+
+
+def test_resume_continues_exactly(env, tiny_dir, tmp_path):
+    """Interrupt after step 2 (simulated by dropping the later checkpoint), resume, and get the
+    same steps 3-4 as the uninterrupted run: step, optimizer, LR, RNG and data position restored."""
+    full = tmp_path / "full"
+    args = ["train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null", "seed=3"]
+    run_recipe(env, *tiny_overrides(tiny_dir, full, *args))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_4")
+    (resumed / "summary.json").unlink()
+    proc = run_recipe(env, *tiny_overrides(tiny_dir, resumed, *args, "resume=true"))
+    assert "Resumed from" in proc.stdout and "step 2" in proc.stdout
+    ref = {r["step"]: r for r in read_lines(full / "metrics.jsonl") if "reward/mean" in r}
+    got = {r["step"]: r for r in read_lines(resumed / "metrics.jsonl") if "reward/mean" in r}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("reward/mean", "loss", "lr", "grad_norm", "entropy"):
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-4, abs=1e-6), (step, key)
+    assert list(resumed.glob("metrics.pre_resume_step_2*.jsonl")), "the pre-resume metrics are kept"
+    a = AutoModelForCausalLM.from_pretrained(full / "checkpoints" / "step_4")
+    b = AutoModelForCausalLM.from_pretrained(resumed / "checkpoints" / "step_4")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not (SHARED / "gsm8k" / "test.jsonl").is_file(), reason="shared GSM8K data absent")
+def test_gsm8k_dataset_runs(env, tiny_dir, tmp_path):
+    run_dir = tmp_path / "gsm8k"
+    run_recipe(env, *tiny_overrides(tiny_dir, run_dir, "train.max_steps=1", "env.dataset=gsm8k",
+                                    f"env.train_path={SHARED / 'gsm8k' / 'train.jsonl'}",
+                                    f"env.test_path={SHARED / 'gsm8k' / 'test.jsonl'}",
+                                    "env.system_prompt='Solve, then end with #### N.'", "eval.every_n_steps=0",
+                                    "eval.heldout_size=4"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_done"] == 1 and 0.0 <= summary["heldout_accuracy_after"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.optim_batch_size=48", "train.optim_batch_size=48 must divide"),
+        ("train.grad_accum_steps=3", "not divisible by train.grad_accum_steps=3"),
+        ("env.dataset=squad", "env.dataset='squad' is unknown"),
+        ("env.dataset=gsm8k", "env.train_path is required"),
+        ("+env.typo=1", "unknown config key 'env.typo'"),
+        ("loss.aggregation=mean", "aggregation"),
+        ("model.name=builtin:nope", "model.name='builtin:nope' is unknown"),
+    ],
+)
+def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, expected):
+    run_dir = tmp_path / "bad"
+    proc = run_recipe(env, f"hydra.run.dir={run_dir}", override, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert expected in last, proc.stderr[-2000:]
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_missing_data_file_is_named(env, tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    proc = run_recipe(env, f"hydra.run.dir={tmp_path / 'r'}", "env.dataset=gsm8k", f"env.train_path={missing}",
+                      f"env.test_path={missing}", check=False)
+    assert proc.returncode != 0
+    assert f"env.train_path={missing}: file not found" in proc.stderr.strip().splitlines()[-1]
