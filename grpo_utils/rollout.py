@@ -74,23 +74,26 @@ class GroupRollout:
         self.generator = make_generator(model, tokenizer, gen_kwargs)
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
-        self._prompt_cache: dict[str, list[int]] = {}
+        self._prompt_cache: dict[str, torch.Tensor] = {}
 
     def encode_prompts(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and mask; each distinct prompt is rendered and tokenized once."""
-        ids = []
+        # Repeats of a prompt are the same row object: render and tokenize each one once.
+        by_row: dict[int, torch.Tensor] = {}
         for row in rows:
-            text = self.renderer(row)
-            cached = self._prompt_cache.get(text)
-            if cached is None:
-                cached = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                self._prompt_cache[text] = cached
-            ids.append(cached)
-        width = max(map(len, ids))
+            if id(row) not in by_row:
+                text = self.renderer(row)
+                cached = self._prompt_cache.get(text)
+                if cached is None:
+                    cached = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                    self._prompt_cache[text] = cached
+                by_row[id(row)] = cached
+        ids = [by_row[id(row)] for row in rows]
+        width = max(len(seq) for seq in ids)
         prompt = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, seq in enumerate(ids):
-            prompt[i, width - len(seq):] = torch.tensor(seq)
+            prompt[i, width - len(seq):] = seq
             mask[i, width - len(seq):] = 1
         return prompt, mask
 
