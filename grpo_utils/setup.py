@@ -13,6 +13,7 @@ import torch
 import transformers
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from grpo_utils.config import ConfigError, resolve_device, seed_everything, validate
 from grpo_utils.data import DataError, PromptRenderer, load_split
@@ -36,6 +37,8 @@ def start_run(cfg: DictConfig, mode: str) -> Run:
         validate(cfg, mode)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except MissingMandatoryValue as e:
+        sys.exit(f"config error: {e.full_key} is required (it is ??? in the config); set it with {e.full_key}=...")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)

@@ -148,6 +148,12 @@ def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, expected):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+def test_gsm8k_config_requires_data_paths(env, tmp_path):
+    proc = run_recipe(env, "--config-name=grpo_gsm8k", f"hydra.run.dir={tmp_path / 'r'}", "device=cpu", check=False)
+    assert proc.returncode != 0
+    assert "env.train_path is required" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_missing_data_file_is_named(env, tmp_path):
     missing = tmp_path / "nope.jsonl"
     proc = run_recipe(env, f"hydra.run.dir={tmp_path / 'r'}", "env.dataset=gsm8k", f"env.train_path={missing}",
