@@ -23,11 +23,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         raise ValueError(f"expected {group_size}-sized groups, got rewards of shape {tuple(rewards.shape)}")
     grouped = rewards.view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "group_std":
-        std = grouped.std(dim=1, keepdim=True, unbiased=group_size > 1) if group_size > 1 else torch.ones_like(grouped[:, :1])
-        centered = centered / (std + eps)
-    elif scale == "batch_std":
-        centered = centered / (rewards.std() + eps)
+    if scale != "none":
+        std = (grouped.std(dim=1, keepdim=True, correction=int(group_size > 1)) if scale == "group_std"
+               else rewards.std(correction=int(rewards.numel() > 1)).expand(len(grouped), 1))
+        # std == 0 means every centered value is 0: keep it 0 even with eps=0 (no 0/0 NaN).
+        centered = torch.where(std > 0, centered / (std + eps), torch.zeros_like(centered))
     return centered.reshape(-1)
 
 

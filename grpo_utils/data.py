@@ -22,6 +22,11 @@ class DataError(ValueError):
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [row for _, row in read_jsonl_numbered(path)]
+
+
+def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) pairs, so row errors can name the file line (blank lines are skipped)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -36,7 +41,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows.append((lineno, row))
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -48,9 +53,8 @@ def gsm8k_final_answer(solution: str) -> str:
 
 
 def _gsm8k_rows(path: str | Path) -> list[dict[str, Any]]:
-    rows = read_jsonl(path)
     out = []
-    for i, row in enumerate(rows, 1):
+    for i, row in read_jsonl_numbered(path):
         if "question" not in row or "answer" not in row or "####" not in str(row["answer"]):
             raise DataError(
                 f"{path}:{i}: expected GSM8K fields 'question' and 'answer' (ending in '#### N')"
@@ -60,11 +64,12 @@ def _gsm8k_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _jsonl_rows(path: str | Path, prompt_field: str, answer_field: str) -> list[dict[str, Any]]:
-    rows = read_jsonl(path)
-    for i, row in enumerate(rows, 1):
+    numbered = read_jsonl_numbered(path)
+    for i, row in numbered:
         for field in (prompt_field, answer_field):
             if field not in row:
                 raise DataError(f"{path}:{i}: missing field '{field}'")
+    rows = [row for _, row in numbered]
     return [{**r, "question": r[prompt_field], "answer": str(r[answer_field])} for r in rows]
 
 

@@ -25,7 +25,7 @@ def greedy_accuracy(rollout: GroupRollout, greedy_generator, rows: list[dict[str
         out = greedy_generator(TensorDict({"tokens": {"prompt": prompt}, "attention_mask": mask},
                                           batch_size=[len(chunk)]))
         response = out["tokens", "response"]
-        resp_mask = response_mask(response, rollout.eos_token_id, rollout.pad_token_id)
+        resp_mask = response_mask(response, rollout.stop_ids)
         texts = rollout.tokenizer.batch_decode([r[m] for r, m in zip(response, resp_mask)],
                                                skip_special_tokens=True)
         scores, _ = rollout.reward_fn(texts, chunk)

@@ -34,7 +34,9 @@ def response_log_probs(
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     )
-    logits = out.logits[:, response_start - 1 : -1].float()
+    logits = out.logits[:, response_start - 1 : -1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # log-softmax in half precision is too coarse for ratios
     if temperature != 1.0:
         logits = logits / temperature
     log_z = torch.logsumexp(logits, dim=-1)

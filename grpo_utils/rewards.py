@@ -6,6 +6,7 @@ other keys (``correct``, ``format``) are logged. A reward that raises gives 0 an
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,9 @@ def normalize_number(text: str) -> str | None:
     text = text.strip().replace(",", "").replace("$", "").rstrip(".")
     try:
         value = float(text)
-    except ValueError:
+    except (ValueError, OverflowError):
+        return None
+    if not math.isfinite(value):
         return None
     return str(int(value)) if value == int(value) else repr(value)
 

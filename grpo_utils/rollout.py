@@ -50,14 +50,23 @@ def make_generator(model, tokenizer, gen_kwargs: dict[str, Any]):
     )
 
 
-def response_mask(response: torch.Tensor, eos_token_id: int, pad_token_id: int | None) -> torch.Tensor:
-    """True up to and including the first EOS; everything after it is padding."""
-    is_eos = response == eos_token_id
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
-    mask = ~after_eos
-    if pad_token_id is not None and pad_token_id != eos_token_id:
-        mask &= response != pad_token_id
-    return mask
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """Every id ``generate`` stops on: the tokenizer's EOS and the generation config's (Qwen lists several)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def response_mask(response: torch.Tensor, stop_ids: int | list[int]) -> torch.Tensor:
+    """True up to and including the first stop token; what ``generate`` pads after it is False.
+
+    A pad id sampled *before* the stop token is a real token and stays in.
+    """
+    stops = torch.as_tensor(stop_ids if isinstance(stop_ids, (list, tuple)) else [stop_ids])
+    is_stop = torch.isin(response, stops)
+    after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0
+    return ~after_stop
 
 
 class GroupRollout:
@@ -72,8 +81,8 @@ class GroupRollout:
         self.adv_scale = adv_scale
         self.adv_eps = adv_eps
         self.generator = make_generator(model, tokenizer, gen_kwargs)
-        self.eos_token_id = tokenizer.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self._prompt_cache: dict[str, torch.Tensor] = {}
 
     def encode_prompts(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,14 +121,14 @@ class GroupRollout:
         t0 = time.perf_counter()
         prompt, prompt_mask, response = self.generate(rows)
         t_gen = time.perf_counter() - t0
-        resp_mask = response_mask(response, self.eos_token_id, self.pad_token_id)
+        resp_mask = response_mask(response, self.stop_ids)
         completions = self.tokenizer.batch_decode(
             [r[m] for r, m in zip(response, resp_mask)], skip_special_tokens=True)
         scores, failures = self.reward_fn(completions, rows)
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
         advantages = group_advantages(rewards, self.group_size, self.adv_scale, self.adv_eps)
         lengths = resp_mask.sum(-1)
-        truncated = ~(response == self.eos_token_id).any(-1)
+        truncated = ~torch.isin(response, torch.tensor(self.stop_ids)).any(-1)
         batch = TensorDict(
             {
                 "input_ids": torch.cat([prompt, response], dim=1),

@@ -123,8 +123,6 @@ def test_gsm8k_row_missing_question_is_an_error(tmp_path):
         _gsm8k_rows(path)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _gsm8k_rows/_jsonl_rows report the row index, not the "
-                   "file line, so blank lines before a bad row shift the reported line number")
 def test_gsm8k_error_line_counts_blank_lines(tmp_path):
     path = write_lines(tmp_path / "g.jsonl", [
         json.dumps({"question": "q1", "answer": "#### 1"}),

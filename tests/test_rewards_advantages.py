@@ -151,8 +151,6 @@ def test_all_equal_groups_give_zero(scale):
     assert not torch.isnan(adv).any()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with advantage.eps=0 (allowed by config.py) an all-equal "
-                   "group divides 0 by a zero std and gives NaN advantages instead of 0")
 @pytest.mark.parametrize("scale", ["group_std", "batch_std"])
 def test_all_equal_groups_give_zero_with_eps_zero(scale):
     adv = group_advantages(torch.tensor([1.0, 1.0, 1.0, 1.0]), 2, scale, eps=0.0)

@@ -82,14 +82,13 @@ def main(cfg: DictConfig) -> None:
                               batch_size=cfg.train.optim_batch_size)
         buffer.extend(batch)
         last_saved = step // cfg.checkpoint.every_n_steps if cfg.checkpoint.every_n_steps else 0
-        t_train = 0.0
+        t_train, tokens = 0.0, batch["response_mask"].sum().item()
         for _ in range(updates_per_rollout):
             metrics = trainer.optimizer_step(buffer.sample())
             step += 1
             t_train += metrics["time/train_s"]
-            tokens = batch["response_mask"].sum().item()
             metrics["tokens_per_s"] = tokens / (stats["time/generate_s"] + t_train)
-            logger.log({**stats, **metrics, "policy_version": step - 1}, step=step)
+            logger.log({**stats, **metrics, "policy_version": int(batch["policy_version"][0])}, step=step)
             if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
                 logger.log_eval(greedy_accuracy(rollout, greedy, heldout_rows, cfg.eval.batch_size), step=step)
             if step >= cfg.train.max_steps:
