@@ -46,7 +46,7 @@ def main() -> None:
         enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         model.eval()
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=T, min_new_tokens=T, do_sample=True, top_k=len(tok),
+            out = model.generate(**enc, max_new_tokens=T, min_new_tokens=T, do_sample=True, top_k=None,
                                  pad_token_id=tok.pad_token_id)
         width = enc["input_ids"].shape[1]
         resp = out[:, width:]

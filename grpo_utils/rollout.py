@@ -21,19 +21,19 @@ from grpo_utils.data import PromptRenderer
 from grpo_utils.rewards import RewardFunction
 
 
-def generation_kwargs(gen_cfg, vocab_size: int, greedy: bool = False) -> dict[str, Any]:
-    """HF ``generate`` kwargs. HF rejects ``top_k=0``; unrestricted means ``top_k=vocab_size``."""
+def generation_kwargs(gen_cfg, greedy: bool = False) -> dict[str, Any]:
+    """HF ``generate`` kwargs. Unrestricted sampling is ``top_k=None`` passed explicitly: HF
+    rejects ``top_k=0``, falls back to 50 when top_k is absent, and ``top_k=vocab_size`` would
+    run a useless top-k over the whole vocabulary at every token."""
     if greedy:
-        return {"max_new_tokens": gen_cfg.max_new_tokens, "do_sample": False,
-                "temperature": None, "top_p": None, "top_k": None}
-    return {
-        "max_new_tokens": gen_cfg.max_new_tokens,
-        "do_sample": True,
-        "temperature": gen_cfg.temperature,
-        "top_p": gen_cfg.top_p,
-        "top_k": gen_cfg.top_k if gen_cfg.top_k > 0 else vocab_size,
-        "min_new_tokens": gen_cfg.get("min_new_tokens", 0) or None,
-    }
+        return {"max_new_tokens": gen_cfg.max_new_tokens, "do_sample": False}
+    kwargs = {"max_new_tokens": gen_cfg.max_new_tokens, "do_sample": True,
+              "temperature": gen_cfg.temperature, "top_k": gen_cfg.top_k or None}
+    if gen_cfg.top_p < 1:
+        kwargs["top_p"] = gen_cfg.top_p
+    if gen_cfg.min_new_tokens:
+        kwargs["min_new_tokens"] = gen_cfg.min_new_tokens
+    return kwargs
 
 
 def make_generator(model, tokenizer, gen_kwargs: dict[str, Any]):
@@ -46,7 +46,7 @@ def make_generator(model, tokenizer, gen_kwargs: dict[str, Any]):
         generate=True,
         return_log_probs=False,  # recomputed exactly by grpo_utils.logprobs (TorchRL zeroes token 0)
         pad_output=True,
-        generate_kwargs={k: v for k, v in gen_kwargs.items() if v is not None},
+        generate_kwargs=dict(gen_kwargs),
     )
 
 

@@ -45,7 +45,7 @@ def make_rollout(model, tok, temperature: float) -> GroupRollout:
     gen_cfg = OmegaConf.create({"max_new_tokens": 6, "min_new_tokens": 0, "temperature": temperature,
                                 "top_p": 1.0, "top_k": 0})
     return GroupRollout(model, tok, PromptRenderer(tok, "{question}", None, True),
-                        RewardFunction("numeric_answer"), generation_kwargs(gen_cfg, len(tok)),
+                        RewardFunction("numeric_answer"), generation_kwargs(gen_cfg),
                         group_size=GROUP, adv_scale="group_std", adv_eps=1e-6)
 
 

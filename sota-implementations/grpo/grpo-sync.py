@@ -36,9 +36,9 @@ def main(cfg: DictConfig) -> None:
     renderer = make_renderer(cfg.env, tokenizer, train_rows[0])
     G = cfg.env.group_size
     rollout = GroupRollout(model, tokenizer, renderer, reward_fn,
-                           generation_kwargs(cfg.generation, len(tokenizer)), G,
+                           generation_kwargs(cfg.generation), G,
                            cfg.advantage.scale, cfg.advantage.eps)
-    greedy = make_generator(model, tokenizer, generation_kwargs(cfg.generation, len(tokenizer), greedy=True))
+    greedy = make_generator(model, tokenizer, generation_kwargs(cfg.generation, greedy=True))
     trainer = PolicyTrainer(model, loss_fn, cfg.train, cfg.generation.temperature, ref_model)
     prompts = PromptStream(train_rows, cfg.env.num_prompts, seed=cfg.seed, shuffle=cfg.env.shuffle)
 
