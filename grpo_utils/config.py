@@ -18,13 +18,14 @@ from grpo_utils.models import DTYPES
 # Allowed keys per section. ``loss`` is checked by the loss class itself (its constructor).
 SCHEMA: dict[str, set[str]] = {
     "": {"defaults", "mode", "loss", "seed", "resume", "logger", "wandb", "device", "num_threads",
-         "model", "env", "generation", "reward", "advantage", "train", "checkpoint", "eval"},
+         "model", "env", "rollout", "generation", "reward", "advantage", "train", "checkpoint", "eval"},
     "mode": {"name"},
     "wandb": {"project", "run_name"},
     "model": {"name", "dtype", "gradient_checkpointing"},
     "env": {"dataset", "train_path", "test_path", "prompt_field", "answer_field", "prompt_format",
             "system_prompt", "chat_template", "num_prompts", "group_size", "shuffle", "quickstart"},
     "env.quickstart": {"num_train", "num_test"},
+    "rollout": {"engine"},
     "generation": {"max_new_tokens", "temperature", "top_p", "top_k", "min_new_tokens"},
     "reward": {"name", "format_weight", "require_format"},
     "advantage": {"scale", "eps"},
@@ -34,6 +35,7 @@ SCHEMA: dict[str, set[str]] = {
     "eval": {"heldout_size", "before_after", "every_n_steps", "batch_size"},
 }
 LOGGERS = ("none", "wandb")
+ENGINES = ("direct", "collector")
 
 
 class ConfigError(ValueError):
@@ -81,6 +83,10 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(env.num_prompts >= 1, f"env.num_prompts={env.num_prompts} must be >= 1")
     _require(env.group_size >= 2, f"env.group_size={env.group_size} must be >= 2 (advantages are relative to the group)")
 
+    _require(cfg.rollout.engine in ENGINES,
+             f"rollout.engine={cfg.rollout.engine!r} is unknown; expected one of {', '.join(ENGINES)}")
+    _require(cfg.rollout.engine != "collector" or env.chat_template,
+             "rollout.engine=collector needs env.chat_template=true (TorchRL's ChatEnv renders chats)")
     gen = cfg.generation
     _require(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens} must be >= 1")
     _require(gen.temperature > 0, f"generation.temperature={gen.temperature} must be > 0")

@@ -17,7 +17,7 @@ import torch
 from tensordict import TensorDict
 
 from grpo_utils.advantages import group_advantages, zero_advantage_group_fraction
-from grpo_utils.data import PromptRenderer
+from grpo_utils.data import PromptRenderer, PromptStream
 from grpo_utils.rewards import RewardFunction
 
 
@@ -70,10 +70,12 @@ def response_mask(response: torch.Tensor, stop_ids: int | list[int]) -> torch.Te
 
 
 class GroupRollout:
-    """Samples ``group_size`` completions for each prompt of a batch and scores them."""
+    """Draws prompts from ``stream``, samples ``group_size`` completions for each, scores them."""
 
     def __init__(self, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
-                 gen_kwargs: dict[str, Any], group_size: int, adv_scale: str, adv_eps: float):
+                 gen_kwargs: dict[str, Any], group_size: int, adv_scale: str, adv_eps: float,
+                 stream: PromptStream):
+        self.stream = stream
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.reward_fn = reward_fn
@@ -106,6 +108,13 @@ class GroupRollout:
             mask[i, width - len(seq):] = 1
         return prompt, mask
 
+    def data_state(self) -> dict[str, int]:
+        """Position of the next prompts this rollout will train on (saved in checkpoints)."""
+        return self.stream.state_dict()
+
+    def load_data_state(self, state: dict[str, int]) -> None:
+        self.stream.load_state_dict(state)
+
     @torch.no_grad()
     def generate(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt ids, prompt mask and response ids for ``rows`` (one completion per row)."""
@@ -115,11 +124,15 @@ class GroupRollout:
         out = self.generator(td)
         return prompt, prompt_mask, out["tokens", "response"]
 
-    def collect(self, prompt_rows: list[dict[str, Any]], policy_version: int = 0) -> tuple[TensorDict, dict[str, float]]:
-        """One step's batch: ``len(prompt_rows) * group_size`` samples, groups contiguous."""
-        rows = [row for row in prompt_rows for _ in range(self.group_size)]
+    def sample_groups(self) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next prompts, each repeated ``group_size`` times (contiguous), and their completions."""
+        rows = [row for row in self.stream.next_batch() for _ in range(self.group_size)]
+        return (rows, *self.generate(rows))
+
+    def collect(self, policy_version: int = 0) -> tuple[TensorDict, dict[str, float]]:
+        """One step's batch: ``num_prompts * group_size`` samples, groups contiguous."""
         t0 = time.perf_counter()
-        prompt, prompt_mask, response = self.generate(rows)
+        rows, prompt, prompt_mask, response = self.sample_groups()
         t_gen = time.perf_counter() - t0
         resp_mask = response_mask(response, self.stop_ids)
         completions = self.tokenizer.batch_decode(

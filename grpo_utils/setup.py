@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from grpo_utils.config import ConfigError, resolve_device, seed_everything, validate
-from grpo_utils.data import DataError, PromptRenderer, load_split
+from grpo_utils.data import DataError, PromptRenderer, PromptStream, load_split
 from grpo_utils.losses import build_loss
 from grpo_utils.rewards import RewardFunction
+from grpo_utils.rollout import GroupRollout
 
 
 @dataclass
@@ -86,3 +87,16 @@ def make_renderer(env_cfg: DictConfig, tokenizer, sample_row: dict) -> PromptRen
     except DataError as e:
         sys.exit(f"config error: {e}")
     return renderer
+
+
+def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
+                 stream: PromptStream) -> GroupRollout:
+    """``rollout.engine=direct`` (one batched TransformersWrapper call) or ``collector``
+    (TorchRL's LLMCollector over a DatasetChatEnv); both yield the same batches."""
+    from grpo_utils.rollout import generation_kwargs
+
+    cls = GroupRollout
+    if cfg.rollout.engine == "collector":
+        from grpo_utils.collector_rollout import CollectorRollout as cls
+    return cls(model, tokenizer, renderer, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size,
+               cfg.advantage.scale, cfg.advantage.eps, stream)

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from tensordict import TensorDict
 
 from grpo_utils.advantages import group_advantages
-from grpo_utils.data import PromptRenderer, quickstart_rows
+from grpo_utils.data import PromptRenderer, PromptStream, quickstart_rows
 from grpo_utils.logprobs import position_ids_from_mask, response_log_probs
 from grpo_utils.losses import ClippedSurrogateLoss
 from grpo_utils.rewards import RewardFunction
@@ -46,7 +46,14 @@ def make_rollout(model, tok, temperature: float) -> GroupRollout:
                                 "top_p": 1.0, "top_k": 0})
     return GroupRollout(model, tok, PromptRenderer(tok, "{question}", None, True),
                         RewardFunction("numeric_answer"), generation_kwargs(gen_cfg),
-                        group_size=GROUP, adv_scale="group_std", adv_eps=1e-6)
+                        group_size=GROUP, adv_scale="group_std", adv_eps=1e-6,
+                        stream=PromptStream(prompt_rows(), 1, seed=0))
+
+
+def collect_rows(rollout: GroupRollout, rows, **kwargs):
+    """One rollout over exactly ``rows`` (in order), each repeated GROUP times."""
+    rollout.stream = PromptStream(rows, len(rows), seed=0, shuffle=False)
+    return rollout.collect(**kwargs)
 
 
 def prompt_rows():
@@ -68,7 +75,7 @@ def collect_clean_ragged_batch(rollout):
     """First seed whose batch has ragged lengths and no sampled pad token before EOS."""
     for seed in range(40):
         torch.manual_seed(seed)
-        batch, stats = rollout.collect(prompt_rows())
+        batch, stats = collect_rows(rollout, prompt_rows())
         lengths = batch["response_mask"].sum(-1)
         if not pad_before_eos(batch) and lengths.min() < lengths.max():
             return batch, stats
@@ -158,7 +165,7 @@ def test_rollout_rewards_and_groups(tok):
     rollout = make_rollout(model, tok, 1.0)
     torch.manual_seed(0)
     rows = prompt_rows()
-    batch, stats = rollout.collect(rows, policy_version=3)
+    batch, stats = collect_rows(rollout, rows, policy_version=3)
     width = batch["response_mask"].shape[1]
     resp = batch["input_ids"][:, -width:]
     texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, batch["response_mask"])]
@@ -208,7 +215,7 @@ def test_log_probs_after_sampled_pad_token_match_sampler(tok, monkeypatch):
 
     monkeypatch.setattr(rollout, "generate", fake_generate)
     row = prompt_rows()[1]
-    batch, _ = rollout.collect([row])
+    batch, _ = collect_rows(rollout, [row])
     width = sampled.shape[1]
     prompt_width = batch["input_ids"].shape[1] - width
     log_probs, _ = response_log_probs(model, batch["input_ids"], batch["attention_mask"], prompt_width)

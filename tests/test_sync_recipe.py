@@ -90,11 +90,13 @@ def test_run_dir_contract_and_kl(env, tiny_dir, tmp_path):
     assert (run_dir / "checkpoints" / "step_3" / "trainer_state.pt").is_file()
 
 
-def test_resume_continues_exactly(env, tiny_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["direct", "collector"])
+def test_resume_continues_exactly(env, tiny_dir, tmp_path, engine):
     """Interrupt after step 2 (simulated by dropping the later checkpoint), resume, and get the
     same steps 3-4 as the uninterrupted run: step, optimizer, LR, RNG and data position restored."""
     full = tmp_path / "full"
-    args = ["train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null", "seed=3"]
+    args = ["train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null", "seed=3",
+            f"rollout.engine={engine}"]
     run_recipe(env, *tiny_overrides(tiny_dir, full, *args))
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)

@@ -18,8 +18,8 @@ from grpo_utils.data import PromptStream
 from grpo_utils.evaluation import greedy_accuracy
 from grpo_utils.metrics import MetricsLogger, format_summary, plot_reward_curve, write_summary
 from grpo_utils.models import load_policy, make_reference
-from grpo_utils.rollout import GroupRollout, generation_kwargs, make_generator
-from grpo_utils.setup import load_rows, make_loss, make_renderer, make_reward, start_run
+from grpo_utils.rollout import generation_kwargs, make_generator
+from grpo_utils.setup import load_rows, make_loss, make_renderer, make_reward, make_rollout, start_run
 from grpo_utils.trainer import PolicyTrainer
 
 
@@ -34,15 +34,12 @@ def main(cfg: DictConfig) -> None:
     model, tokenizer, _ = load_policy(cfg.model, run.device)
     ref_model = make_reference(model) if loss_fn.needs_reference else None
     renderer = make_renderer(cfg.env, tokenizer, train_rows[0])
-    G = cfg.env.group_size
-    rollout = GroupRollout(model, tokenizer, renderer, reward_fn,
-                           generation_kwargs(cfg.generation), G,
-                           cfg.advantage.scale, cfg.advantage.eps)
+    prompts = PromptStream(train_rows, cfg.env.num_prompts, seed=cfg.seed, shuffle=cfg.env.shuffle)
+    rollout = make_rollout(cfg, model, tokenizer, renderer, reward_fn, prompts)
     greedy = make_generator(model, tokenizer, generation_kwargs(cfg.generation, greedy=True))
     trainer = PolicyTrainer(model, loss_fn, cfg.train, cfg.generation.temperature, ref_model)
-    prompts = PromptStream(train_rows, cfg.env.num_prompts, seed=cfg.seed, shuffle=cfg.env.shuffle)
 
-    rollout_size = cfg.env.num_prompts * G
+    rollout_size = cfg.env.num_prompts * cfg.env.group_size
     updates_per_rollout = cfg.train.epochs * rollout_size // cfg.train.optim_batch_size
     # Behaviour log-probs are only needed when a batch is reused for several updates; with one
     # update per rollout the policy that sampled is the one being trained (ratio exactly 1).
@@ -54,14 +51,14 @@ def main(cfg: DictConfig) -> None:
         ckpt.load_model_weights(resume_from, model)
         state = ckpt.load_trainer_state(resume_from)
         trainer.load_state_dict(state["trainer"])
-        prompts.load_state_dict(state["prompts"])
+        rollout.load_data_state(state["prompts"])
         step, before = state["step"], state.get("heldout_accuracy_before")
         ckpt.restore_rng_state(state["rng"])
         print(f"Resumed from {resume_from} at step {step}")
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(run.run_dir, step, model, tokenizer,
-                             {"step": step, "trainer": trainer.state_dict(), "prompts": prompts.state_dict(),
+                             {"step": step, "trainer": trainer.state_dict(), "prompts": rollout.data_state(),
                               "heldout_accuracy_before": before},
                              keep_last=cfg.checkpoint.keep_last)
 
@@ -74,7 +71,7 @@ def main(cfg: DictConfig) -> None:
         logger.log_eval({"eval/accuracy": before}, step=0)
 
     while step < cfg.train.max_steps:
-        batch, stats = rollout.collect(prompts.next_batch(), policy_version=step)
+        batch, stats = rollout.collect(policy_version=step)
         trainer.annotate(batch, need_behaviour=off_policy_updates,
                          micro_batch_size=cfg.train.optim_batch_size // cfg.train.grad_accum_steps)
         # A fresh buffer per rollout: sequence widths change from batch to batch.
