@@ -1,16 +1,27 @@
-"""Tensor-level policy-gradient losses for GRPO-family training.
+"""Tensor-level policy-gradient losses for the GRPO family.
 
 The loss is model-agnostic: the trainer computes per-token log-probabilities (and optionally
 entropies) and hands over ``[B, T]`` tensors of response tokens together with a boolean mask.
+Advantages are computed before the loss (``grpo_utils.advantages.group_advantages``).
 
-One module, :class:`ClippedSurrogateLoss`, covers the GRPO family through configuration:
+Objectives, one class each, all sharing :class:`PolicyLoss` (KL to a reference in the loss or
+in the reward, KL to the behaviour policy, entropy bonus, aggregation, importance-sampling
+correction for the inference/training gap, metrics):
 
-* GRPO: symmetric clipping, ``seq_mean_token_mean`` or ``token_mean``, optional KL to a reference.
-* DAPO: decoupled ``clip_eps_high > clip_eps_low`` ("clip-higher"), ``token_mean``.
-* Dr. GRPO: ``constant_sum`` with ``constant_normalizer`` = maximum completion length.
+* :class:`ClippedSurrogateLoss`: PPO-style clipped surrogate: GRPO (Shao et al., 2024),
+  Dr. GRPO (Liu et al., 2025; ``constant_sum``), DAPO (Yu et al., 2025; ``clip_eps_high >
+  clip_eps_low``, ``token_mean``).
+* :class:`PolicyGradientLoss`: plain policy gradient ``-A * log pi`` without ratio or clip:
+  REINFORCE (raw reward), REINFORCE with a group-mean baseline, RLOO (Ahmadian et al., 2024).
+* :class:`GSPOLoss`: sequence-level length-normalized ratio, clipped per sequence (Zheng et al.,
+  2025).
+* :class:`CISPOLoss`: clipped, stop-gradient importance weight on ``-A * log pi`` (MiniMax-M1,
+  2025).
 
-Variants that change the per-token objective itself (sequence-level ratios, clipped
-importance weights) override :meth:`ClippedSurrogateLoss.surrogate` and reuse the rest.
+Every aggregation is a sum of per-sequence terms divided by whole-batch constants
+(:class:`BatchNormalizer`), so summing the losses of micro-batches split along ``B`` reproduces
+the full-batch loss and gradient exactly, for every objective (GSPO's ratio is per sequence, so a
+split by sequences is exact too; splitting a sequence along ``T`` is not supported anywhere).
 """
 
 from __future__ import annotations
@@ -22,13 +33,24 @@ from typing import Any
 
 import torch
 
+from grpo_utils.advantages import check_advantage_config
+from grpo_utils.dapo import RolloutShaping
+
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant_sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_PLACEMENTS = ("loss", "reward")
+IS_CORRECTIONS = ("none", "truncate", "mask")
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{field}={value!r} is not supported; choose one of {allowed}")
+
+
+def _check_positive(field: str, value: float) -> None:
+    # Written as `not >` so that NaN is rejected too.
+    if not value > 0:
+        raise ValueError(f"{field} must be > 0, got {value!r}")
 
 
 def _check_non_negative(field: str, value: float) -> None:
@@ -119,6 +141,16 @@ def aggregate(
     return masked.sum() / (constant * num_sequences)
 
 
+def _ess(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalized effective sample size ``(sum w)^2 / (n * sum w^2)`` in ``[0, 1]`` over unmasked
+    entries (1 when all weights are equal); 0 when nothing is unmasked."""
+    w = torch.where(mask, weights.detach(), 0.0)
+    n = mask.sum()
+    sum_sq = w.square().sum()
+    ess = w.sum().square() / (n * sum_sq).clamp(min=torch.finfo(w.dtype).tiny)
+    return torch.where((n > 0) & (sum_sq > 0), ess, torch.zeros_like(ess))
+
+
 def kl_penalty(
     log_probs: torch.Tensor, ref_log_probs: torch.Tensor, estimator: str
 ) -> torch.Tensor:
@@ -137,29 +169,122 @@ def kl_penalty(
     return torch.expm1(log_ratio) - log_ratio
 
 
-class ClippedSurrogateLoss(torch.nn.Module):
-    """PPO-style clipped surrogate (GRPO), with optional reference KL and entropy bonus.
+@torch.no_grad()
+def kl_reward_penalty(
+    log_probs_behaviour: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    estimator: str = "k1",
+    coef: float = 1.0,
+) -> torch.Tensor:
+    """Per-sequence KL penalty ``[B]`` for ``kl_in='reward'``, to subtract from the rewards.
 
-    Per token: ``-min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + kl_coef * KL
-    - entropy_coef * H``, with ``r = exp(log_probs - old_log_probs)``, reduced by ``aggregation``.
+    ``coef * sum_t KL_t`` over the response tokens, with ``KL_t`` the ``estimator`` of
+    KL(behaviour || reference) at each sampled token (k1 gives the classic sequence log-ratio
+    ``log pi_b(y) - log pi_ref(y)``, the RLHF reward penalty). The rollout subtracts it from the
+    rewards *before* advantages are computed; the result is detached.
     """
+    _check_mask(mask)
+    _check_choice("kl_estimator", estimator, KL_ESTIMATORS)
+    _check_non_negative("kl_coef", coef)
+    inputs = {"log_probs_behaviour": log_probs_behaviour, "ref_log_probs": ref_log_probs}
+    for name, tensor in inputs.items():
+        if tensor.shape != mask.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, expected mask shape {tuple(mask.shape)}"
+            )
+    behaviour = torch.where(mask, log_probs_behaviour, 0.0)
+    kl = kl_penalty(behaviour, torch.where(mask, ref_log_probs, 0.0), estimator)
+    return coef * torch.where(mask, kl, 0.0).sum(dim=-1)
+
+
+@dataclass
+class PolicyTerm:
+    """What an objective contributes per token, before the shared terms are added.
+
+    ``per_token``: differentiable ``[B, T]`` policy loss; ``ratio``: the importance ratio the
+    objective uses (for ``ratio``-based metrics such as ``ess``); ``clip_low`` / ``clip_high``: bool
+    ``[B, T]`` maps of where the lower / upper clip is active (all False when nothing clips).
+    """
+
+    per_token: torch.Tensor
+    ratio: torch.Tensor
+    clip_low: torch.Tensor
+    clip_high: torch.Tensor
+
+
+class PolicyLoss(torch.nn.Module):
+    """Shared machinery of the GRPO-family objectives; subclasses define :meth:`surrogate`.
+
+    Per token ``t`` of sequence ``i`` the loss is ::
+
+        w_IS * policy_t + kl_coef * KL(pi || ref)_t + behaviour_kl_coef * KL(pi || pi_old)_t
+                        - entropy_coef * H_t
+
+    reduced by ``aggregation`` with whole-batch denominators. Shared settings:
+
+    * ``kl_coef``, ``kl_estimator`` (k1 | k2 | k3, also used for the behaviour KL), ``kl_in``:
+      ``loss`` adds the reference KL above; ``reward`` leaves it out of the loss (``kl_ref`` is
+      still logged) and the rollout subtracts :meth:`reward_penalty` from the rewards instead.
+      Either way ``kl_coef > 0`` means a reference model is needed (:attr:`needs_reference`).
+    * ``behaviour_kl_coef``: KL to the policy that produced ``old_log_probs`` (0 when on-policy).
+    * ``entropy_coef``: entropy bonus; entropy is logged whenever it is passed.
+    * ``aggregation`` and ``constant_normalizer``: see :func:`aggregate`.
+    * ``is_correction`` (none | truncate | mask), ``is_cap``, ``is_mask_threshold``: correction for
+      the gap between the inference engine's log-probs (``rollout_log_probs``) and the training
+      side's behaviour log-probs (``old_log_probs``). With ``w = exp(old - rollout)`` per token,
+      ``truncate`` multiplies the policy term by the detached ``min(w, is_cap)`` (truncated IS)
+      and ``mask`` by the detached ``w * [w <= is_mask_threshold]`` (masked IS: tokens beyond the
+      threshold drop out of the policy term but stay in the denominators, which keeps micro-batch
+      invariance). Only the policy term is weighted, not the KL or entropy terms. When
+      ``rollout_log_probs`` is None (the default: sampling and training share weights and code)
+      these settings do nothing and no mismatch metrics are logged.
+    * ``advantage_estimator``, ``advantage_scale``: the advantage this objective is defined on
+      (see ``grpo_utils.advantages``); the loss does not use them, the config's ``advantage``
+      section defaults to them.
+    * ``dynamic_sampling``, ``max_resample_rounds``, ``overlong_mask``, ``overlong_penalty``,
+      ``overlong_cache_len``: rollout-level settings (DAPO), exposed as :attr:`rollout_shaping`;
+      see ``grpo_utils.dapo``.
+
+    Metrics (detached scalars, token means over the micro-batch): ``loss/policy``,
+    ``clip_fraction`` (``/low``, ``/high``), ``ratio/mean``, ``ess`` (normalized effective sample
+    size of the objective's ratio), ``approx_kl_behaviour`` (k3), ``kl_ref`` (with a reference),
+    ``entropy`` (with entropies), and with ``rollout_log_probs``: ``mismatch_kl`` (k3 estimate of
+    KL(rollout || old) from the sampled tokens), ``mismatch_ess``, and when a correction is on,
+    ``is_weight/mean`` and ``is_weight/corrected_fraction`` (tokens truncated or masked).
+    """
+
+    #: True for objectives defined on one ratio per sequence (GSPO): advantages must be ``[B]`` and
+    #: the IS correction is applied per sequence.
+    sequence_level = False
 
     def __init__(
         self,
-        clip_eps_low: float = 0.2,
-        clip_eps_high: float = 0.2,
+        *,
         kl_coef: float = 0.0,
         kl_estimator: str = "k3",
+        kl_in: str = "loss",
+        behaviour_kl_coef: float = 0.0,
         entropy_coef: float = 0.0,
         aggregation: str = "token_mean",
         constant_normalizer: float | None = None,
+        is_correction: str = "none",
+        is_cap: float = 2.0,
+        is_mask_threshold: float = 2.0,
+        advantage_estimator: str = "grpo",
+        advantage_scale: str = "group_std",
+        dynamic_sampling: bool = False,
+        max_resample_rounds: int = 0,
+        overlong_mask: bool = False,
+        overlong_penalty: float = 0.0,
+        overlong_cache_len: int | None = None,
     ) -> None:
         super().__init__()
-        _check_non_negative("clip_eps_low", clip_eps_low)
-        _check_non_negative("clip_eps_high", clip_eps_high)
         _check_non_negative("kl_coef", kl_coef)
-        _check_non_negative("entropy_coef", entropy_coef)
         _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+        _check_choice("kl_in", kl_in, KL_PLACEMENTS)
+        _check_non_negative("behaviour_kl_coef", behaviour_kl_coef)
+        _check_non_negative("entropy_coef", entropy_coef)
         _check_choice("aggregation", aggregation, AGGREGATIONS)
         if aggregation == "constant_sum" and (
             constant_normalizer is None or not constant_normalizer > 0
@@ -168,41 +293,110 @@ class ClippedSurrogateLoss(torch.nn.Module):
                 "constant_normalizer must be > 0 when aggregation='constant_sum' "
                 f"(e.g. the maximum completion length), got {constant_normalizer!r}"
             )
-        self.clip_eps_low = clip_eps_low
-        self.clip_eps_high = clip_eps_high
+        _check_choice("is_correction", is_correction, IS_CORRECTIONS)
+        _check_positive("is_cap", is_cap)
+        _check_positive("is_mask_threshold", is_mask_threshold)
+        check_advantage_config(advantage_estimator, advantage_scale, 0.0, prefix="advantage_")
         self.kl_coef = kl_coef
         self.kl_estimator = kl_estimator
+        self.kl_in = kl_in
+        self.behaviour_kl_coef = behaviour_kl_coef
         self.entropy_coef = entropy_coef
         self.aggregation = aggregation
         self.constant_normalizer = constant_normalizer
+        self.is_correction = is_correction
+        self.is_cap = is_cap
+        self.is_mask_threshold = is_mask_threshold
+        self.advantage_estimator = advantage_estimator
+        self.advantage_scale = advantage_scale
+        self.rollout_shaping = RolloutShaping(
+            dynamic_sampling=dynamic_sampling,
+            max_resample_rounds=max_resample_rounds,
+            overlong_mask=overlong_mask,
+            overlong_penalty=overlong_penalty,
+            overlong_cache_len=overlong_cache_len,
+        )
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        """Every constructor argument of this class, i.e. the keys its config may set."""
+        keys: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is torch.nn.Module or not issubclass(klass, PolicyLoss):
+                continue
+            for name, param in inspect.signature(init).parameters.items():
+                if name != "self" and param.kind is not param.VAR_KEYWORD and name not in keys:
+                    keys.append(name)
+        return keys
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the trainer must compute reference-model log-probs."""
+        """Whether reference-model log-probs are needed (in the loss or, with kl_in=reward, at
+        rollout time)."""
         return self.kl_coef > 0
+
+    @property
+    def kl_in_reward(self) -> bool:
+        """Whether the rollout must subtract :meth:`reward_penalty` from the rewards."""
+        return self.kl_coef > 0 and self.kl_in == "reward"
 
     @property
     def needs_entropy(self) -> bool:
         """Whether the trainer must compute per-token entropies."""
         return self.entropy_coef > 0
 
-    def surrogate(
-        self, log_ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-token policy loss and boolean maps of where the low / high clip is active.
+    @property
+    def needs_rollout_log_probs(self) -> bool:
+        """Whether an IS correction is configured (it acts only given rollout log-probs)."""
+        return self.is_correction != "none"
 
-        This is the hook for variants that change the objective; ``log_ratio`` is already zero on
-        padding and ``advantages`` is broadcast to ``[B, T]``.
+    def reward_penalty(
+        self, log_probs_behaviour: torch.Tensor, ref_log_probs: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sequence ``[B]`` penalty to subtract from rewards; 0 unless :attr:`kl_in_reward`."""
+        if not self.kl_in_reward:
+            _check_mask(mask)
+            return torch.zeros(mask.shape[0], dtype=log_probs_behaviour.dtype,
+                               device=log_probs_behaviour.device)
+        return kl_reward_penalty(log_probs_behaviour, ref_log_probs, mask, self.kl_estimator,
+                                 self.kl_coef)
+
+    def surrogate(
+        self,
+        log_probs: torch.Tensor,
+        log_ratio: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> PolicyTerm:
+        """The objective's per-token policy loss.
+
+        ``log_probs`` and ``log_ratio = log_probs - old_log_probs`` are zero on padding;
+        ``advantages`` is ``[B, 1]`` (per sequence) or ``[B, T]`` and broadcasts against them.
         """
-        ratio = log_ratio.exp()
-        low, high = 1.0 - self.clip_eps_low, 1.0 + self.clip_eps_high
-        clipped_ratio = ratio.clamp(low, high)
-        per_token = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
-        # The clipped branch only wins (and kills the gradient) on the side that would otherwise
-        # keep pushing the ratio further in the advantage's direction.
-        clip_low = (advantages < 0) & (ratio < low) & mask
-        clip_high = (advantages > 0) & (ratio > high) & mask
-        return per_token, clip_low, clip_high
+        raise NotImplementedError
+
+    def is_weights(
+        self, mismatch_log_ratio: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached IS-correction weights ``[B, T]`` and the bool map of corrected tokens.
+
+        ``mismatch_log_ratio = old_log_probs - rollout_log_probs`` (zero on padding).
+        """
+        if self.sequence_level:
+            # One length-normalized (geometric-mean) weight per sequence, like GSPO's own ratio.
+            lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1)
+            seq_log_weight = mismatch_log_ratio.sum(dim=-1, keepdim=True) / lengths
+            weights = seq_log_weight.exp().expand_as(mismatch_log_ratio)
+        else:
+            weights = mismatch_log_ratio.exp()
+        if self.is_correction == "truncate":
+            corrected = weights > self.is_cap
+            weights = weights.clamp(max=self.is_cap)
+        else:  # mask
+            corrected = weights > self.is_mask_threshold
+            weights = torch.where(corrected, torch.zeros_like(weights), weights)
+        return weights, corrected & mask
 
     def forward(
         self,
@@ -214,43 +408,67 @@ class ClippedSurrogateLoss(torch.nn.Module):
         ref_log_probs: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
         normalizer: BatchNormalizer,
+        rollout_log_probs: torch.Tensor | None = None,
     ) -> LossOutput:
         """Loss for one (micro-)batch; ``normalizer`` must describe the whole optimizer batch.
 
-        ``old_log_probs``, ``ref_log_probs`` and ``advantages`` are treated as constants.
+        ``old_log_probs`` are the behaviour log-probs recomputed by the trainer;
+        ``rollout_log_probs`` (optional) those reported by the inference engine that sampled.
+        ``old_log_probs``, ``ref_log_probs``, ``rollout_log_probs`` and ``advantages`` are treated
+        as constants.
         """
         advantages = self._check_inputs(
-            log_probs, old_log_probs, advantages, mask, ref_log_probs, entropy
+            log_probs, old_log_probs, advantages, mask, ref_log_probs, entropy, rollout_log_probs
         )
-        # Zero the log-ratio on padding *before* any exp so that junk or infinite padding values
-        # cannot produce inf * 0 = NaN in the forward or backward pass.
+        # Zero log-probs and log-ratios on padding *before* any exp or product so that junk or
+        # infinite padding values cannot produce inf * 0 = NaN in the forward or backward pass.
+        safe_log_probs = torch.where(mask, log_probs, 0.0)
+        safe_old = torch.where(mask, old_log_probs.detach(), 0.0)
         log_ratio = torch.where(mask, log_probs - old_log_probs.detach(), 0.0)
-        per_token, clip_low, clip_high = self.surrogate(log_ratio, advantages, mask)
+        term = self.surrogate(safe_log_probs, log_ratio, advantages, mask)
+        per_token = term.per_token
+
+        metrics: dict[str, torch.Tensor] = {}
+        if rollout_log_probs is not None:
+            safe_rollout = torch.where(mask, rollout_log_probs.detach(), 0.0)
+            mismatch = safe_old - safe_rollout  # log(pi_old / pi_rollout) at the sampled tokens
+            # k3 with samples from the rollout policy: an estimate of KL(rollout || old).
+            metrics["mismatch_kl"] = _masked_mean(kl_penalty(safe_rollout, safe_old, "k3"), mask)
+            metrics["mismatch_ess"] = _ess(mismatch.exp(), mask)
+            if self.is_correction != "none":
+                weights, corrected = self.is_weights(mismatch, mask)
+                per_token = per_token * weights
+                metrics["is_weight/mean"] = _masked_mean(weights, mask)
+                metrics["is_weight/corrected_fraction"] = _masked_mean(
+                    corrected.to(log_ratio.dtype), mask
+                )
 
         detached_log_ratio = log_ratio.detach()
-        frac_low = _masked_mean(clip_low.to(log_ratio.dtype), mask)
-        frac_high = _masked_mean(clip_high.to(log_ratio.dtype), mask)
-        metrics = {
+        frac_low = _masked_mean(term.clip_low.to(log_ratio.dtype), mask)
+        frac_high = _masked_mean(term.clip_high.to(log_ratio.dtype), mask)
+        metrics.update({
             "loss/policy": _masked_mean(per_token, mask),
             "clip_fraction": frac_low + frac_high,
             "clip_fraction/low": frac_low,
             "clip_fraction/high": frac_high,
             "ratio/mean": _masked_mean(detached_log_ratio.exp(), mask),
+            "ess": _ess(term.ratio, mask),
             # k3 of the current policy against the behaviour policy that sampled the data.
             "approx_kl_behaviour": _masked_mean(
                 kl_penalty(detached_log_ratio, torch.zeros_like(detached_log_ratio), "k3"), mask
             ),
-        }
+        })
 
         if ref_log_probs is not None:
             # Junk reference values may make `kl` non-finite on padding; the `where` on log_probs
             # stops any resulting NaN gradient from reaching them, and aggregation masks the value.
-            kl = kl_penalty(
-                torch.where(mask, log_probs, 0.0), ref_log_probs.detach(), self.kl_estimator
-            )
+            kl = kl_penalty(safe_log_probs, ref_log_probs.detach(), self.kl_estimator)
             metrics["kl_ref"] = _masked_mean(kl, mask)
-            if self.kl_coef > 0:
+            if self.kl_coef > 0 and self.kl_in == "loss":
                 per_token = per_token + self.kl_coef * kl
+        if self.behaviour_kl_coef > 0:
+            behaviour_kl = kl_penalty(safe_log_probs, safe_old, self.kl_estimator)
+            per_token = per_token + self.behaviour_kl_coef * behaviour_kl
         if entropy is not None:
             metrics["entropy"] = _masked_mean(entropy, mask)
             if self.entropy_coef > 0:
@@ -267,10 +485,12 @@ class ClippedSurrogateLoss(torch.nn.Module):
         mask: torch.Tensor,
         ref_log_probs: torch.Tensor | None,
         entropy: torch.Tensor | None,
+        rollout_log_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Validate shapes and required inputs; return advantages broadcast to ``[B, T]``."""
+        """Validate shapes and required inputs; return detached advantages as ``[B, 1]`` (per
+        sequence) or ``[B, T]`` (per token)."""
         _check_mask(mask)
-        if self.needs_reference and ref_log_probs is None:
+        if self.kl_coef > 0 and self.kl_in == "loss" and ref_log_probs is None:
             raise ValueError(
                 f"kl_coef={self.kl_coef} > 0 requires ref_log_probs; compute reference log-probs "
                 "or set kl_coef=0"
@@ -285,6 +505,7 @@ class ClippedSurrogateLoss(torch.nn.Module):
             "old_log_probs": old_log_probs,
             "ref_log_probs": ref_log_probs,
             "entropy": entropy,
+            "rollout_log_probs": rollout_log_probs,
         }
         for name, tensor in per_token_inputs.items():
             if tensor is not None and tensor.shape != mask.shape:
@@ -293,13 +514,155 @@ class ClippedSurrogateLoss(torch.nn.Module):
                     f"expected mask shape {tuple(mask.shape)}"
                 )
         if advantages.shape == mask.shape[:1]:
-            advantages = advantages.unsqueeze(-1)
-        elif advantages.shape != mask.shape:
+            return advantages.detach().unsqueeze(-1)
+        if self.sequence_level:
+            raise ValueError(
+                f"advantages has shape {tuple(advantages.shape)}; {type(self).__name__} is "
+                f"sequence-level and needs one advantage per sequence, [B]={tuple(mask.shape[:1])}"
+            )
+        if advantages.shape != mask.shape:
             raise ValueError(
                 f"advantages has shape {tuple(advantages.shape)}, "
                 f"expected [B]={tuple(mask.shape[:1])} or [B, T]={tuple(mask.shape)}"
             )
-        return advantages.detach().expand_as(log_probs)
+        return advantages.detach()
+
+
+def _check_clip(clip_eps_low: float, clip_eps_high: float) -> None:
+    _check_non_negative("clip_eps_low", clip_eps_low)
+    _check_non_negative("clip_eps_high", clip_eps_high)
+
+
+class ClippedSurrogateLoss(PolicyLoss):
+    """PPO-style clipped surrogate: GRPO, Dr. GRPO, DAPO.
+
+    Per token: ``-min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A)`` with
+    ``r = exp(log_probs - old_log_probs)``, plus the shared terms of :class:`PolicyLoss`. The clip
+    removes the gradient of a token only on the side that would keep pushing the ratio further in
+    the advantage's direction. GRPO: symmetric clip and group mean/std advantages; DAPO: decoupled
+    ``clip_eps_high > clip_eps_low`` and ``token_mean``; Dr. GRPO: ``constant_sum`` with the
+    maximum completion length and mean-centred advantages without std scaling.
+    """
+
+    def __init__(
+        self,
+        clip_eps_low: float = 0.2,
+        clip_eps_high: float = 0.2,
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        entropy_coef: float = 0.0,
+        aggregation: str = "token_mean",
+        constant_normalizer: float | None = None,
+        **shared: Any,
+    ) -> None:
+        _check_clip(clip_eps_low, clip_eps_high)
+        super().__init__(kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                         aggregation=aggregation, constant_normalizer=constant_normalizer, **shared)
+        self.clip_eps_low = clip_eps_low
+        self.clip_eps_high = clip_eps_high
+
+    def surrogate(self, log_probs, log_ratio, advantages, mask) -> PolicyTerm:
+        ratio = log_ratio.exp()
+        low, high = 1.0 - self.clip_eps_low, 1.0 + self.clip_eps_high
+        clipped_ratio = ratio.clamp(low, high)
+        per_token = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+        clip_low = (advantages < 0) & (ratio < low) & mask
+        clip_high = (advantages > 0) & (ratio > high) & mask
+        return PolicyTerm(per_token, ratio, clip_low, clip_high)
+
+
+class PolicyGradientLoss(PolicyLoss):
+    """Plain policy gradient, no ratio and no clip: REINFORCE, REINFORCE with baseline, RLOO.
+
+    Per token: ``-A * log pi(y_t)``; with the default ``seq_mean_token_sum`` aggregation this is
+    ``-A_i * log pi(y_i)`` averaged over sequences, the REINFORCE estimator with the whole
+    completion as one action. The advantage decides the method: raw reward (REINFORCE), group-mean
+    centred (REINFORCE with baseline), leave-one-out centred (RLOO). ``old_log_probs`` only enter
+    the metrics, the behaviour KL and the IS correction: on data from an older policy this is the
+    (biased) uncorrected policy gradient. On-policy its gradient equals the clipped surrogate's.
+    """
+
+    def __init__(self, *, aggregation: str = "seq_mean_token_sum", **shared: Any) -> None:
+        super().__init__(aggregation=aggregation, **shared)
+
+    def surrogate(self, log_probs, log_ratio, advantages, mask) -> PolicyTerm:
+        no_clip = torch.zeros_like(mask)
+        return PolicyTerm(-advantages * log_probs, log_ratio.exp(), no_clip, no_clip)
+
+
+class GSPOLoss(PolicyLoss):
+    """GSPO (Zheng et al., 2025): one length-normalized importance ratio per sequence.
+
+    ``s_i = exp(mean_t(log_probs - old_log_probs))`` over the sequence's response tokens; the
+    sequence's loss is ``-min(s_i * A_i, clip(s_i, 1 - eps_low, 1 + eps_high) * A_i)``, written to
+    every token of the sequence so that ``seq_mean_token_mean`` (the default, the paper's
+    ``1/G sum_i``) returns the mean over sequences. Its gradient is the paper's: for an unclipped
+    sequence ``d loss / d log pi(y_it) = -s_i * A_i / (|y_i| * num_sequences)``, 0 when clipped.
+    Other aggregations weight sequence ``i`` by ``|y_i|`` (token_mean, seq_mean_token_sum) or
+    ``|y_i| / constant`` (constant_sum).
+
+    Advantages must be per sequence ``[B]``. The IS correction uses one geometric-mean weight per
+    sequence. Micro-batches: the ratio depends only on the sequence's own tokens and every
+    aggregation divides by whole-batch counts, so splitting the batch by sequences (what the
+    trainer does) leaves loss and gradient exactly unchanged; a sequence must not be split along
+    ``T``. ``clip_fraction`` counts the tokens of clipped sequences.
+    """
+
+    sequence_level = True
+
+    def __init__(
+        self,
+        clip_eps_low: float = 3e-4,
+        clip_eps_high: float = 4e-4,
+        *,
+        aggregation: str = "seq_mean_token_mean",
+        **shared: Any,
+    ) -> None:
+        _check_clip(clip_eps_low, clip_eps_high)
+        super().__init__(aggregation=aggregation, **shared)
+        self.clip_eps_low = clip_eps_low
+        self.clip_eps_high = clip_eps_high
+
+    def surrogate(self, log_probs, log_ratio, advantages, mask) -> PolicyTerm:
+        lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1)
+        seq_ratio = (log_ratio.sum(dim=-1, keepdim=True) / lengths).exp()  # [B, 1]
+        low, high = 1.0 - self.clip_eps_low, 1.0 + self.clip_eps_high
+        per_seq = -torch.minimum(seq_ratio * advantages, seq_ratio.clamp(low, high) * advantages)
+        clip_low = ((advantages < 0) & (seq_ratio < low)) & mask
+        clip_high = ((advantages > 0) & (seq_ratio > high)) & mask
+        return PolicyTerm(per_seq.expand_as(log_ratio), seq_ratio.expand_as(log_ratio),
+                          clip_low, clip_high)
+
+
+class CISPOLoss(PolicyLoss):
+    """CISPO (MiniMax-M1, 2025): clipped importance-sampling weight with stop-gradient.
+
+    Per token: ``-sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * log pi(y_t)`` with
+    ``r = exp(log_probs - old_log_probs)``. Unlike the clipped surrogate, every token keeps its
+    gradient ``-clip(r) * A``; the clip only bounds the weight (clipped on either side whatever
+    the sign of ``A``). The paper sets no lower bound (``clip_eps_low = 1`` gives bound 0) and
+    tunes only ``clip_eps_high``; aggregation is ``token_mean`` over the batch.
+    """
+
+    def __init__(
+        self,
+        clip_eps_low: float = 1.0,
+        clip_eps_high: float = 0.28,
+        *,
+        aggregation: str = "token_mean",
+        **shared: Any,
+    ) -> None:
+        _check_clip(clip_eps_low, clip_eps_high)
+        super().__init__(aggregation=aggregation, **shared)
+        self.clip_eps_low = clip_eps_low
+        self.clip_eps_high = clip_eps_high
+
+    def surrogate(self, log_probs, log_ratio, advantages, mask) -> PolicyTerm:
+        ratio = log_ratio.exp()
+        low, high = 1.0 - self.clip_eps_low, 1.0 + self.clip_eps_high
+        weight = ratio.clamp(low, high).detach()
+        per_token = -weight * advantages * log_probs
+        return PolicyTerm(per_token, ratio, (ratio < low) & mask, (ratio > high) & mask)
 
 
 def build_loss(cfg: Mapping[str, Any]) -> torch.nn.Module:
@@ -317,7 +680,7 @@ def build_loss(cfg: Mapping[str, Any]) -> torch.nn.Module:
         from hydra.utils import instantiate
 
         return instantiate(cfg)
-    allowed = set(inspect.signature(ClippedSurrogateLoss.__init__).parameters) - {"self"}
+    allowed = set(ClippedSurrogateLoss.config_keys())
     unknown = sorted(set(cfg) - allowed)
     if unknown:
         raise ValueError(f"unknown loss config keys {unknown}; allowed: {sorted(allowed)}")

@@ -219,6 +219,9 @@ def test_metrics_are_detached_token_means() -> None:
         "clip_fraction/low": 1 / 15,
         "clip_fraction/high": 1 / 15,
         "clip_fraction": 2 / 15,
+        # Normalized effective sample size of the ratios: (sum w)^2 / (n * sum w^2).
+        "ess": mean(lambda b, t: math.exp(LOG_RATIOS[b][t])) ** 2
+        / mean(lambda b, t: math.exp(2 * LOG_RATIOS[b][t])),
         # Token mean of the policy term only, i.e. the token_mean loss without the KL term.
         "loss/policy": reference("token_mean", None, 0.0, 0.0)[0],
     }

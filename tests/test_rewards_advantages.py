@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_utils.advantages import group_advantages, zero_advantage_group_fraction
+from grpo_utils.advantages import check_advantage_config, group_advantages, zero_advantage_group_fraction
 from grpo_utils.data import _gsm8k_rows
 from grpo_utils.rewards import (
     RewardFunction,
@@ -176,3 +176,69 @@ def test_zero_advantage_group_fraction():
     assert zero_advantage_group_fraction(rewards, 4) == pytest.approx(2 / 3)
     assert zero_advantage_group_fraction(torch.tensor([0.0, 1.0, 1.0, 0.0]), 2) == 0.0
     assert zero_advantage_group_fraction(torch.ones(6), 3) == 1.0
+
+
+# ----------------------------------------------------------------------------- advantage estimators
+
+
+def test_rloo_is_leave_one_out_hand_computed():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.25, 2.0, 2.0, 2.0, 2.0], dtype=torch.float64)
+    adv = group_advantages(rewards, 4, "none", estimator="rloo")
+    expected = []
+    for g in range(2):
+        group = rewards[4 * g:4 * g + 4].tolist()
+        for i, r in enumerate(group):
+            expected.append(r - sum(x for j, x in enumerate(group) if j != i) / 3)
+    assert torch.allclose(adv, torch.tensor(expected, dtype=torch.float64), atol=1e-14)
+    assert adv[4:].tolist() == [0.0] * 4  # equal rewards: exactly 0
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 4, 6])
+def test_rloo_equals_scaled_mean_centred(group_size):
+    rewards = torch.rand(group_size * 5, generator=torch.Generator().manual_seed(group_size),
+                         dtype=torch.float64)
+    centred = group_advantages(rewards, group_size, "none", estimator="grpo")
+    rloo = group_advantages(rewards, group_size, "none", estimator="rloo")
+    assert torch.allclose(rloo, centred * group_size / (group_size - 1), atol=1e-14)
+    # With std scaling, the same factor carries over.
+    centred_std = group_advantages(rewards, group_size, "group_std", estimator="grpo")
+    rloo_std = group_advantages(rewards, group_size, "group_std", estimator="rloo")
+    assert torch.allclose(rloo_std, centred_std * group_size / (group_size - 1), atol=1e-14)
+
+
+def test_none_estimator_is_raw_reward():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    adv = group_advantages(rewards, 2, "none", estimator="none")
+    assert adv.tolist() == rewards.tolist()
+    adv[0] = 9.0
+    assert rewards[0].item() == 1.0  # a copy, not a view
+
+
+def test_default_estimator_is_grpo():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.3])
+    assert torch.equal(group_advantages(rewards, 2), group_advantages(rewards, 2, estimator="grpo"))
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+@pytest.mark.parametrize("scale", ["group_std", "batch_std", "none"])
+def test_constant_groups_are_exactly_zero(estimator, scale):
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 1.0, 0.0, 0.3], dtype=torch.float64)
+    adv = group_advantages(rewards, 3, scale, estimator=estimator)
+    assert adv[:6].tolist() == [0.0] * 6 and (adv[6:] != 0).all()
+
+
+def test_estimator_errors_name_the_key():
+    with pytest.raises(ValueError, match=re.escape("advantage.estimator='ppo' is unknown; expected one of grpo, rloo, none")):
+        group_advantages(torch.zeros(4), 2, estimator="ppo")
+    with pytest.raises(ValueError, match=re.escape("advantage.scale='group_std' needs a baseline")):
+        group_advantages(torch.zeros(4), 2, "group_std", estimator="none")
+    with pytest.raises(ValueError, match=re.escape("advantage.estimator='rloo' needs group_size >= 2")):
+        group_advantages(torch.zeros(4), 1, "none", estimator="rloo")
+    with pytest.raises(ValueError, match=re.escape("advantage.eps=-1.0 must be >= 0")):
+        group_advantages(torch.zeros(4), 2, eps=-1.0)
+
+
+def test_check_advantage_config():
+    check_advantage_config("rloo", "none", 0.0)
+    with pytest.raises(ValueError, match=re.escape("advantage.scale='rank' is unknown")):
+        check_advantage_config("grpo", "rank", 1e-6)
