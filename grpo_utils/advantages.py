@@ -77,3 +77,28 @@ def zero_advantage_group_fraction(rewards: torch.Tensor, group_size: int) -> flo
     """Fraction of groups whose rewards are all equal (no learning signal)."""
     grouped = rewards.view(-1, group_size)
     return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
+
+
+def assign_advantages(batch, loss_fn, estimator: str, scale: str, eps: float, group_size: int) -> dict[str, float]:
+    """Sets ``batch["advantage"]`` from its rewards, after the loss's reward-side terms.
+
+    Order matters and follows the papers: a KL-in-reward penalty (needs ``old_log_probs`` and
+    ``ref_log_probs`` in the batch) is subtracted from the reward first, then group advantages
+    are computed, then DAPO's overlong filtering removes truncated samples from the loss mask
+    (not from the attention mask, and not from the group statistics).
+    """
+    stats: dict[str, float] = {}
+    if getattr(loss_fn, "kl_in_reward", False):
+        penalty = loss_fn.reward_penalty(batch["old_log_probs"], batch["ref_log_probs"], batch["response_mask"])
+        batch["reward"] = batch["reward"] - penalty.to(batch["reward"].dtype)
+        stats["kl_reward_penalty/mean"] = penalty.mean().item()
+    advantages = group_advantages(batch["reward"], group_size, scale, eps, estimator)
+    batch["advantage"] = advantages
+    shaping = getattr(loss_fn, "rollout_shaping", None)
+    if shaping is not None and shaping.overlong_mask:
+        from grpo_utils.dapo import truncation_mask
+
+        batch["response_mask"] = batch["response_mask"] & truncation_mask(batch["truncated"])[:, None]
+    stats.update({"advantage/mean": advantages.mean().item(),
+                  "advantage/std": advantages.std().item() if advantages.numel() > 1 else 0.0})
+    return stats

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_utils.advantages import SCALES
+from grpo_utils.advantages import check_advantage_config
 from grpo_utils.data import DATASETS
 from grpo_utils.models import DTYPES
 
@@ -28,7 +28,7 @@ SCHEMA: dict[str, set[str]] = {
     "rollout": {"engine"},
     "generation": {"max_new_tokens", "temperature", "top_p", "top_k", "min_new_tokens"},
     "reward": {"name", "format_weight", "require_format"},
-    "advantage": {"scale", "eps"},
+    "advantage": {"estimator", "scale", "eps"},
     "train": {"max_steps", "epochs", "optim_batch_size", "grad_accum_steps", "lr", "weight_decay",
               "betas", "adam_eps", "max_grad_norm", "warmup_steps", "min_lr_ratio"},
     "checkpoint": {"every_n_steps", "keep_last"},
@@ -95,9 +95,10 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(0 <= gen.min_new_tokens <= gen.max_new_tokens,
              f"generation.min_new_tokens={gen.min_new_tokens} must be in [0, max_new_tokens]")
 
-    _require(cfg.advantage.scale in SCALES,
-             f"advantage.scale={cfg.advantage.scale!r} is unknown; expected one of {', '.join(SCALES)}")
-    _require(cfg.advantage.eps >= 0, f"advantage.eps={cfg.advantage.eps} must be >= 0")
+    try:
+        check_advantage_config(cfg.advantage.estimator, cfg.advantage.scale, cfg.advantage.eps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     t = cfg.train
     rollout_size = env.num_prompts * env.group_size

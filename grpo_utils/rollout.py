@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from grpo_utils.advantages import group_advantages, zero_advantage_group_fraction
+from grpo_utils.advantages import zero_advantage_group_fraction
+from grpo_utils.dapo import RolloutShaping, dynamic_sampling_keep, soft_overlong_penalty
 from grpo_utils.data import PromptRenderer, PromptStream
 from grpo_utils.rewards import RewardFunction
 
@@ -73,15 +74,13 @@ class GroupRollout:
     """Draws prompts from ``stream``, samples ``group_size`` completions for each, scores them."""
 
     def __init__(self, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
-                 gen_kwargs: dict[str, Any], group_size: int, adv_scale: str, adv_eps: float,
-                 stream: PromptStream):
+                 gen_kwargs: dict[str, Any], group_size: int, stream: PromptStream):
         self.stream = stream
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.reward_fn = reward_fn
         self.group_size = group_size
-        self.adv_scale = adv_scale
-        self.adv_eps = adv_eps
+        self.max_new_tokens = gen_kwargs["max_new_tokens"]
         self.generator = make_generator(model, tokenizer, gen_kwargs)
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -129,43 +128,109 @@ class GroupRollout:
         rows = [row for row in self.stream.next_batch() for _ in range(self.group_size)]
         return (rows, *self.generate(rows))
 
-    def collect(self, policy_version: int = 0) -> tuple[TensorDict, dict[str, float]]:
-        """One step's batch: ``num_prompts * group_size`` samples, groups contiguous."""
-        t0 = time.perf_counter()
+    def _sample_scored(self) -> dict[str, Any]:
+        """One generation round: rows, tensors and task rewards of ``num_prompts`` groups."""
         rows, prompt, prompt_mask, response = self.sample_groups()
-        t_gen = time.perf_counter() - t0
         resp_mask = response_mask(response, self.stop_ids)
         completions = self.tokenizer.batch_decode(
             [r[m] for r, m in zip(response, resp_mask)], skip_special_tokens=True)
         scores, failures = self.reward_fn(completions, rows)
-        rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
-        advantages = group_advantages(rewards, self.group_size, self.adv_scale, self.adv_eps)
+        return {"rows": rows, "prompt": prompt, "prompt_mask": prompt_mask, "response": response,
+                "response_mask": resp_mask, "scores": scores, "failures": failures,
+                "reward": torch.tensor([sc["reward"] for sc in scores], dtype=torch.float32)}
+
+    def collect(self, policy_version: int = 0, shaping: RolloutShaping | None = None) -> tuple[TensorDict, dict[str, float]]:
+        """One step's batch of ``num_prompts * group_size`` scored samples, groups contiguous.
+
+        With ``shaping.dynamic_sampling`` (DAPO), groups whose rewards are all equal are dropped
+        and more groups are generated (at most ``max_resample_rounds`` extra rounds) to refill
+        the batch; if still short, dropped groups top it up so its size never changes. With
+        ``shaping.overlong_penalty`` the soft overlong punishment is added to the reward.
+        Advantages are assigned later (:func:`grpo_utils.advantages.assign_advantages`), once
+        reference log-probs exist for a KL-in-reward penalty.
+        """
+        shaping = shaping or RolloutShaping()
+        G, t0 = self.group_size, time.perf_counter()
+        part = self._sample_scored()
+        num_groups = len(part["rows"]) // G
+        rounds, dropped = 0, 0
+        if shaping.dynamic_sampling:
+            kept, spare = [], []
+            while True:
+                keep = dynamic_sampling_keep(part["reward"], G)
+                dropped += int((~keep).sum())
+                kept += [(part, g) for g in keep.nonzero().flatten().tolist()]
+                spare += [(part, g) for g in (~keep).nonzero().flatten().tolist()]
+                if len(kept) >= num_groups or rounds >= shaping.max_resample_rounds:
+                    break
+                rounds += 1
+                part = self._sample_scored()
+            part = _merge_groups((kept + spare)[:num_groups], G, self.pad_token_id)
+        t_gen = time.perf_counter() - t0
+
+        rows, response, resp_mask = part["rows"], part["response"], part["response_mask"]
         lengths = resp_mask.sum(-1)
         truncated = ~torch.isin(response, torch.tensor(self.stop_ids)).any(-1)
+        rewards = part["reward"]
+        if shaping.overlong_penalty > 0:
+            rewards = rewards + soft_overlong_penalty(lengths, self.max_new_tokens, shaping.overlong_cache_len,
+                                                      shaping.overlong_penalty)
         batch = TensorDict(
             {
-                "input_ids": torch.cat([prompt, response], dim=1),
-                "attention_mask": torch.cat([prompt_mask, resp_mask.long()], dim=1),
+                "input_ids": torch.cat([part["prompt"], response], dim=1),
+                "attention_mask": torch.cat([part["prompt_mask"], resp_mask.long()], dim=1),
                 "response_mask": resp_mask,
+                "truncated": truncated,
                 "reward": rewards,
-                "advantage": advantages,
                 "policy_version": torch.full((len(rows),), policy_version, dtype=torch.long),
             },
             batch_size=[len(rows)],
         )
+        scores = part["scores"]
         stats = {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(rows) > 1 else 0.0,
-            "advantage/mean": advantages.mean().item(),
-            "advantage/std": advantages.std().item() if len(rows) > 1 else 0.0,
             "response_length/mean": lengths.float().mean().item(),
             "response_length/max": lengths.max().item(),
             "truncated_fraction": truncated.float().mean().item(),
-            "zero_advantage_groups": zero_advantage_group_fraction(rewards, self.group_size),
-            "reward/failures": float(failures),
+            "zero_advantage_groups": zero_advantage_group_fraction(rewards, G),
+            "reward/failures": float(part["failures"]),
             "time/generate_s": t_gen,
         }
+        if shaping.dynamic_sampling:
+            stats.update({"dynamic_sampling/groups_dropped": float(dropped),
+                          "dynamic_sampling/rounds": float(rounds + 1)})
         for key in scores[0]:
             if key != "reward":
-                stats[f"reward/{key}"] = sum(s[key] for s in scores) / len(scores)
+                stats[f"reward/{key}"] = sum(sc[key] for sc in scores) / len(scores)
         return batch, stats
+
+
+def _merge_groups(groups: list[tuple[dict[str, Any], int]], group_size: int, pad_id: int) -> dict[str, Any]:
+    """Concatenate chosen groups from several generation rounds, re-padding prompts (left) and
+    responses (right) to common widths."""
+    def rows_of(part, g):
+        return slice(g * group_size, (g + 1) * group_size)
+
+    prompt_w = max(part["prompt"].shape[1] for part, _ in groups)
+    resp_w = max(part["response"].shape[1] for part, _ in groups)
+    out: dict[str, list] = {k: [] for k in ("rows", "prompt", "prompt_mask", "response", "response_mask",
+                                            "scores", "reward")}
+    failures = {}
+    for part, g in groups:
+        sl = rows_of(part, g)
+        prompt, pmask = part["prompt"][sl], part["prompt_mask"][sl]
+        pad_p = prompt_w - prompt.shape[1]
+        out["prompt"].append(torch.nn.functional.pad(prompt, (pad_p, 0), value=pad_id))
+        out["prompt_mask"].append(torch.nn.functional.pad(pmask, (pad_p, 0), value=0))
+        resp, rmask = part["response"][sl], part["response_mask"][sl]
+        pad_r = resp_w - resp.shape[1]
+        out["response"].append(torch.nn.functional.pad(resp, (0, pad_r), value=pad_id))
+        out["response_mask"].append(torch.nn.functional.pad(rmask, (0, pad_r), value=False))
+        out["rows"] += part["rows"][sl]
+        out["scores"] += part["scores"][sl]
+        out["reward"].append(part["reward"][sl])
+        failures[id(part)] = part["failures"]
+    return {"rows": out["rows"], "prompt": torch.cat(out["prompt"]), "prompt_mask": torch.cat(out["prompt_mask"]),
+            "response": torch.cat(out["response"]), "response_mask": torch.cat(out["response_mask"]),
+            "scores": out["scores"], "reward": torch.cat(out["reward"]), "failures": sum(failures.values())}

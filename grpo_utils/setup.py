@@ -98,5 +98,4 @@ def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, re
     cls = GroupRollout
     if cfg.rollout.engine == "collector":
         from grpo_utils.collector_rollout import CollectorRollout as cls
-    return cls(model, tokenizer, renderer, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size,
-               cfg.advantage.scale, cfg.advantage.eps, stream)
+    return cls(model, tokenizer, renderer, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size, stream)

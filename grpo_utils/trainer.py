@@ -94,6 +94,7 @@ class PolicyTrainer:
                 mb["advantage"],
                 mb["response_mask"],
                 ref_log_probs=mb.get("ref_log_probs", None),
+                rollout_log_probs=mb.get("rollout_log_probs", None),
                 entropy=entropy,
                 normalizer=normalizer,
             )

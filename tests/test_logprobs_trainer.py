@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
-from grpo_utils.advantages import group_advantages
+from grpo_utils.advantages import assign_advantages, group_advantages
 from grpo_utils.data import PromptRenderer, PromptStream, quickstart_rows
 from grpo_utils.logprobs import position_ids_from_mask, response_log_probs
 from grpo_utils.losses import ClippedSurrogateLoss
@@ -171,6 +171,7 @@ def test_rollout_rewards_and_groups(tok):
     texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, batch["response_mask"])]
     expected = [RewardFunction("numeric_answer")([t], [rows[i // GROUP]])[0][0]["reward"] for i, t in enumerate(texts)]
     assert batch["reward"].tolist() == expected
+    assign_advantages(batch, ClippedSurrogateLoss(), "grpo", "group_std", 1e-6, GROUP)
     assert torch.allclose(batch["advantage"], group_advantages(batch["reward"], GROUP, "group_std", 1e-6))
     assert batch["policy_version"].tolist() == [3] * (3 * GROUP)
     # groups are contiguous: the G samples of a prompt share the same prompt ids

@@ -117,6 +117,38 @@ def test_resume_continues_exactly(env, tiny_dir, tmp_path, engine):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
+PRESETS = sorted(p.stem for p in (REPO / "config" / "loss").glob("*.yaml"))
+
+
+def test_every_loss_preset_trains_in_the_recipe(env, tiny_dir, tmp_path):
+    """Each ``loss=<name>`` preset runs 2 optimizer steps end to end (one Hydra multirun)."""
+    sweep = tmp_path / "presets"
+    run_recipe(env, "-m", f"loss={','.join(PRESETS)}", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}",
+               *tiny_overrides(tiny_dir, sweep / "unused", "train.max_steps=2", "eval.every_n_steps=0",
+                               "eval.before_after=false")[2:])
+    for num, name in enumerate(PRESETS):
+        run_dir = sweep / str(num)
+        config = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert f"loss={name}" in config
+        train = [r for r in read_lines(run_dir / "metrics.jsonl") if "reward/mean" in r]
+        assert [r["step"] for r in train] == [1, 2], name
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train), name
+        if name == "dapo":
+            assert "dynamic_sampling/groups_dropped" in train[0]
+
+
+def test_kl_in_reward_penalizes_after_the_policy_moves(env, tiny_dir, tmp_path):
+    """The random tiny model earns no reward, so an entropy bonus is what moves it off the reference."""
+    run_dir = tmp_path / "rloo_kl"
+    run_recipe(env, *tiny_overrides(tiny_dir, run_dir, "loss=rloo", "loss.kl_coef=0.5", "loss.entropy_coef=0.5", "train.max_steps=3",
+                                    "train.lr=0.05", "eval.every_n_steps=0", "eval.before_after=false"))
+    train = [r for r in read_lines(run_dir / "metrics.jsonl") if "reward/mean" in r]
+    assert train[0]["kl_reward_penalty/mean"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
+    assert abs(train[2]["kl_reward_penalty/mean"]) > 1e-6
+    resolved = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "advantage_estimator: rloo" in resolved
+
+
 @pytest.mark.skipif(not (SHARED / "gsm8k" / "test.jsonl").is_file(), reason="shared GSM8K data absent")
 def test_gsm8k_dataset_runs(env, tiny_dir, tmp_path):
     run_dir = tmp_path / "gsm8k"

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
 
 from grpo_utils import checkpoint as ckpt
+from grpo_utils.advantages import assign_advantages
 from grpo_utils.data import PromptStream
 from grpo_utils.evaluation import greedy_accuracy
 from grpo_utils.metrics import MetricsLogger, format_summary, plot_reward_curve, write_summary
@@ -71,9 +72,11 @@ def main(cfg: DictConfig) -> None:
         logger.log_eval({"eval/accuracy": before}, step=0)
 
     while step < cfg.train.max_steps:
-        batch, stats = rollout.collect(policy_version=step)
-        trainer.annotate(batch, need_behaviour=off_policy_updates,
+        batch, stats = rollout.collect(policy_version=step, shaping=loss_fn.rollout_shaping)
+        trainer.annotate(batch, need_behaviour=off_policy_updates or loss_fn.kl_in_reward,
                          micro_batch_size=cfg.train.optim_batch_size // cfg.train.grad_accum_steps)
+        stats |= assign_advantages(batch, loss_fn, cfg.advantage.estimator, cfg.advantage.scale,
+                                   cfg.advantage.eps, cfg.env.group_size)
         # A fresh buffer per rollout: sequence widths change from batch to batch.
         buffer = ReplayBuffer(storage=LazyTensorStorage(rollout_size), sampler=SamplerWithoutReplacement(),
                               batch_size=cfg.train.optim_batch_size)
