@@ -83,6 +83,10 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(env.num_prompts >= 1, f"env.num_prompts={env.num_prompts} must be >= 1")
     _require(env.group_size >= 2, f"env.group_size={env.group_size} must be >= 2 (advantages are relative to the group)")
 
+    is_correction = OmegaConf.select(cfg, "loss.is_correction", default="none")
+    _require(is_correction == "none" or (cfg.rollout.engine == "direct" and cfg.generation.temperature == 1.0),
+             f"loss.is_correction={is_correction} needs rollout.engine=direct and generation.temperature=1: "
+             "TorchRL's TransformersWrapper reports log-probs of the untempered logits")
     _require(cfg.rollout.engine in ENGINES,
              f"rollout.engine={cfg.rollout.engine!r} is unknown; expected one of {', '.join(ENGINES)}")
     _require(cfg.rollout.engine != "collector" or env.chat_template,

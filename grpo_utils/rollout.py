@@ -37,7 +37,7 @@ def generation_kwargs(gen_cfg, greedy: bool = False) -> dict[str, Any]:
     return kwargs
 
 
-def make_generator(model, tokenizer, gen_kwargs: dict[str, Any]):
+def make_generator(model, tokenizer, gen_kwargs: dict[str, Any], return_log_probs: bool = False):
     from torchrl.modules.llm import TransformersWrapper
 
     return TransformersWrapper(
@@ -45,7 +45,9 @@ def make_generator(model, tokenizer, gen_kwargs: dict[str, Any]):
         tokenizer=tokenizer,
         input_mode="tokens",
         generate=True,
-        return_log_probs=False,  # recomputed exactly by grpo_utils.logprobs (TorchRL zeroes token 0)
+        # Behaviour log-probs are recomputed exactly by grpo_utils.logprobs (TorchRL zeroes token 0);
+        # the sampler's own are only kept for the inference/training mismatch correction.
+        return_log_probs=return_log_probs,
         pad_output=True,
         generate_kwargs=dict(gen_kwargs),
     )
@@ -74,14 +76,17 @@ class GroupRollout:
     """Draws prompts from ``stream``, samples ``group_size`` completions for each, scores them."""
 
     def __init__(self, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
-                 gen_kwargs: dict[str, Any], group_size: int, stream: PromptStream):
+                 gen_kwargs: dict[str, Any], group_size: int, stream: PromptStream,
+                 keep_rollout_log_probs: bool = False):
         self.stream = stream
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.reward_fn = reward_fn
         self.group_size = group_size
         self.max_new_tokens = gen_kwargs["max_new_tokens"]
-        self.generator = make_generator(model, tokenizer, gen_kwargs)
+        self.keep_rollout_log_probs = keep_rollout_log_probs
+        self.generator = make_generator(model, tokenizer, gen_kwargs, return_log_probs=keep_rollout_log_probs)
+        self.last_rollout_log_probs: torch.Tensor | None = None
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -121,6 +126,8 @@ class GroupRollout:
         td = TensorDict({"tokens": {"prompt": prompt}, "attention_mask": prompt_mask},
                         batch_size=[len(rows)])
         out = self.generator(td)
+        if self.keep_rollout_log_probs:
+            self.last_rollout_log_probs = out["log_probs", "response"]
         return prompt, prompt_mask, out["tokens", "response"]
 
     def sample_groups(self) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,9 +142,12 @@ class GroupRollout:
         completions = self.tokenizer.batch_decode(
             [r[m] for r, m in zip(response, resp_mask)], skip_special_tokens=True)
         scores, failures = self.reward_fn(completions, rows)
-        return {"rows": rows, "prompt": prompt, "prompt_mask": prompt_mask, "response": response,
+        part = {"rows": rows, "prompt": prompt, "prompt_mask": prompt_mask, "response": response,
                 "response_mask": resp_mask, "scores": scores, "failures": failures,
                 "reward": torch.tensor([sc["reward"] for sc in scores], dtype=torch.float32)}
+        if self.keep_rollout_log_probs:
+            part["rollout_log_probs"] = self.last_rollout_log_probs.float()
+        return part
 
     def collect(self, policy_version: int = 0, shaping: RolloutShaping | None = None) -> tuple[TensorDict, dict[str, float]]:
         """One step's batch of ``num_prompts * group_size`` scored samples, groups contiguous.
@@ -175,8 +185,10 @@ class GroupRollout:
         if shaping.overlong_penalty > 0:
             rewards = rewards + soft_overlong_penalty(lengths, self.max_new_tokens, shaping.overlong_cache_len,
                                                       shaping.overlong_penalty)
+        extra = {"rollout_log_probs": part["rollout_log_probs"]} if "rollout_log_probs" in part else {}
         batch = TensorDict(
             {
+                **extra,
                 "input_ids": torch.cat([part["prompt"], response], dim=1),
                 "attention_mask": torch.cat([part["prompt_mask"], resp_mask.long()], dim=1),
                 "response_mask": resp_mask,
@@ -215,7 +227,7 @@ def _merge_groups(groups: list[tuple[dict[str, Any], int]], group_size: int, pad
     prompt_w = max(part["prompt"].shape[1] for part, _ in groups)
     resp_w = max(part["response"].shape[1] for part, _ in groups)
     out: dict[str, list] = {k: [] for k in ("rows", "prompt", "prompt_mask", "response", "response_mask",
-                                            "scores", "reward")}
+                                            "scores", "reward", "rollout_log_probs")}
     failures = {}
     for part, g in groups:
         sl = rows_of(part, g)
@@ -227,10 +239,15 @@ def _merge_groups(groups: list[tuple[dict[str, Any], int]], group_size: int, pad
         pad_r = resp_w - resp.shape[1]
         out["response"].append(torch.nn.functional.pad(resp, (0, pad_r), value=pad_id))
         out["response_mask"].append(torch.nn.functional.pad(rmask, (0, pad_r), value=False))
+        if "rollout_log_probs" in part:
+            out["rollout_log_probs"].append(torch.nn.functional.pad(part["rollout_log_probs"][sl], (0, pad_r)))
         out["rows"] += part["rows"][sl]
         out["scores"] += part["scores"][sl]
         out["reward"].append(part["reward"][sl])
         failures[id(part)] = part["failures"]
-    return {"rows": out["rows"], "prompt": torch.cat(out["prompt"]), "prompt_mask": torch.cat(out["prompt_mask"]),
-            "response": torch.cat(out["response"]), "response_mask": torch.cat(out["response_mask"]),
-            "scores": out["scores"], "reward": torch.cat(out["reward"]), "failures": sum(failures.values())}
+    merged = {"rows": out["rows"], "prompt": torch.cat(out["prompt"]), "prompt_mask": torch.cat(out["prompt_mask"]),
+              "response": torch.cat(out["response"]), "response_mask": torch.cat(out["response_mask"]),
+              "scores": out["scores"], "reward": torch.cat(out["reward"]), "failures": sum(failures.values())}
+    if out["rollout_log_probs"]:
+        merged["rollout_log_probs"] = torch.cat(out["rollout_log_probs"])
+    return merged

@@ -90,12 +90,15 @@ def make_renderer(env_cfg: DictConfig, tokenizer, sample_row: dict) -> PromptRen
 
 
 def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
-                 stream: PromptStream) -> GroupRollout:
+                 stream: PromptStream, keep_rollout_log_probs: bool = False) -> GroupRollout:
     """``rollout.engine=direct`` (one batched TransformersWrapper call) or ``collector``
     (TorchRL's LLMCollector over a DatasetChatEnv); both yield the same batches."""
     from grpo_utils.rollout import generation_kwargs
 
-    cls = GroupRollout
     if cfg.rollout.engine == "collector":
-        from grpo_utils.collector_rollout import CollectorRollout as cls
-    return cls(model, tokenizer, renderer, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size, stream)
+        from grpo_utils.collector_rollout import CollectorRollout
+
+        return CollectorRollout(model, tokenizer, renderer, reward_fn, generation_kwargs(cfg.generation),
+                                cfg.env.group_size, stream)
+    return GroupRollout(model, tokenizer, renderer, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size,
+                        stream, keep_rollout_log_probs=keep_rollout_log_probs)

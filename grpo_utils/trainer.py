@@ -75,6 +75,9 @@ class PolicyTrainer:
                 ref.append(self._log_probs(self.ref_model, mb, False)[0])
         if need_behaviour:
             batch["old_log_probs"] = torch.cat(old)
+            if "rollout_log_probs" in batch.keys():
+                # TorchRL's wrapper reports 0 for the first sampled token: use the exact value there.
+                batch["rollout_log_probs"][:, 0] = batch["old_log_probs"][:, 0]
         if self.ref_model is not None:
             batch["ref_log_probs"] = torch.cat(ref)
         self.model.train(was_training)

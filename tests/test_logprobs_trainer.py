@@ -46,7 +46,7 @@ def make_rollout(model, tok, temperature: float) -> GroupRollout:
                                 "top_p": 1.0, "top_k": 0})
     return GroupRollout(model, tok, PromptRenderer(tok, "{question}", None, True),
                         RewardFunction("numeric_answer"), generation_kwargs(gen_cfg),
-                        group_size=GROUP, adv_scale="group_std", adv_eps=1e-6,
+                        group_size=GROUP,
                         stream=PromptStream(prompt_rows(), 1, seed=0))
 
 

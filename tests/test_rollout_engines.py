@@ -33,7 +33,7 @@ def model(tok):
 def make(cls, model, tok, rows, system_prompt=None):
     stream = PromptStream(rows, P, seed=0)
     return cls(model, tok, PromptRenderer(tok, "{question}", system_prompt, True), RewardFunction("numeric_answer"),
-               generation_kwargs(GEN), G, "group_std", 1e-6, stream)
+               generation_kwargs(GEN), G, stream)
 
 
 def questions_of(batch, tok):
@@ -91,3 +91,27 @@ def test_unrestricted_sampling_is_not_top_50(tok):
                                     batch_size=[512]))
     distinct = out["tokens", "response"][:, 0].unique().numel()
     assert distinct > 100, distinct  # top-50 would cap this at 50
+
+
+def test_sampler_log_probs_match_exact_recompute_except_torchrl_token_zero(model, tok):
+    """Kept for the mismatch correction: TorchRL's generation log-probs agree with the exact
+    forward on every token but the first, which TorchRL reports as 0; annotate repairs it."""
+    from grpo_utils.losses import ClippedSurrogateLoss
+    from grpo_utils.trainer import PolicyTrainer
+
+    rows = quickstart_rows(12, seed=7)
+    stream = PromptStream(rows, P, seed=0)
+    rollout = GroupRollout(model, tok, PromptRenderer(tok, "{question}", None, True), RewardFunction("numeric_answer"),
+                           generation_kwargs(GEN), G, stream, keep_rollout_log_probs=True)
+    torch.manual_seed(0)
+    batch, _ = rollout.collect()
+    mask = batch["response_mask"]
+    assert (batch["rollout_log_probs"][:, 0] == 0).all()  # the TorchRL pitfall, as shipped
+    train_cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.99], "adam_eps": 1e-8,
+                                  "max_grad_norm": 1.0, "warmup_steps": 0, "max_steps": 1, "min_lr_ratio": 0.0,
+                                  "grad_accum_steps": 1})
+    trainer = PolicyTrainer(model, ClippedSurrogateLoss(), train_cfg, temperature=1.0)
+    trainer.annotate(batch, need_behaviour=True, micro_batch_size=4)
+    diff = (batch["rollout_log_probs"] - batch["old_log_probs"]).abs()[mask]
+    assert diff.max().item() < 1e-5
+    assert (batch["old_log_probs"][:, 0] < 0).all()

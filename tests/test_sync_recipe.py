@@ -171,11 +171,13 @@ def test_gsm8k_dataset_runs(env, tiny_dir, tmp_path):
         ("+env.typo=1", "unknown config key 'env.typo'"),
         ("loss.aggregation=mean", "aggregation"),
         ("model.name=builtin:nope", "model.name='builtin:nope' is unknown"),
+        ("advantage.estimator=loo", "advantage.estimator='loo' is unknown"),
+        ("loss.is_correction=truncate generation.temperature=0.7", "loss.is_correction=truncate needs"),
     ],
 )
 def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, expected):
     run_dir = tmp_path / "bad"
-    proc = run_recipe(env, f"hydra.run.dir={run_dir}", override, check=False)
+    proc = run_recipe(env, f"hydra.run.dir={run_dir}", *override.split(), check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert expected in last, proc.stderr[-2000:]

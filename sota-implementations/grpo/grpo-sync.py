@@ -36,15 +36,17 @@ def main(cfg: DictConfig) -> None:
     ref_model = make_reference(model) if loss_fn.needs_reference else None
     renderer = make_renderer(cfg.env, tokenizer, train_rows[0])
     prompts = PromptStream(train_rows, cfg.env.num_prompts, seed=cfg.seed, shuffle=cfg.env.shuffle)
-    rollout = make_rollout(cfg, model, tokenizer, renderer, reward_fn, prompts)
+    rollout = make_rollout(cfg, model, tokenizer, renderer, reward_fn, prompts,
+                           keep_rollout_log_probs=loss_fn.needs_rollout_log_probs)
     greedy = make_generator(model, tokenizer, generation_kwargs(cfg.generation, greedy=True))
     trainer = PolicyTrainer(model, loss_fn, cfg.train, cfg.generation.temperature, ref_model)
 
     rollout_size = cfg.env.num_prompts * cfg.env.group_size
     updates_per_rollout = cfg.train.epochs * rollout_size // cfg.train.optim_batch_size
-    # Behaviour log-probs are only needed when a batch is reused for several updates; with one
-    # update per rollout the policy that sampled is the one being trained (ratio exactly 1).
-    off_policy_updates = updates_per_rollout > 1
+    # Behaviour log-probs are only needed when a batch is reused for several updates, for a KL
+    # penalty in the reward, or to correct the sampler's log-probs; with one update per rollout
+    # the policy that sampled is the one being trained (ratio exactly 1).
+    need_behaviour = updates_per_rollout > 1 or loss_fn.kl_in_reward or loss_fn.needs_rollout_log_probs
 
     step, before = 0, None
     resume_from = ckpt.resolve_resume(cfg.resume, run.run_dir)
@@ -73,7 +75,7 @@ def main(cfg: DictConfig) -> None:
 
     while step < cfg.train.max_steps:
         batch, stats = rollout.collect(policy_version=step, shaping=loss_fn.rollout_shaping)
-        trainer.annotate(batch, need_behaviour=off_policy_updates or loss_fn.kl_in_reward,
+        trainer.annotate(batch, need_behaviour=need_behaviour,
                          micro_batch_size=cfg.train.optim_batch_size // cfg.train.grad_accum_steps)
         stats |= assign_advantages(batch, loss_fn, cfg.advantage.estimator, cfg.advantage.scale,
                                    cfg.advantage.eps, cfg.env.group_size)
