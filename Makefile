@@ -18,6 +18,7 @@ quickstart: $(VENV)/.installed
 	$(PY) sota-implementations/grpo/grpo-sync.py $(ARGS)
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check grpo_utils sota-implementations bench tests
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(VENV)/.installed

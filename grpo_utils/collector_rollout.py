@@ -11,7 +11,6 @@ histories on every step.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 import torch

@@ -81,7 +81,8 @@ def validate(cfg: DictConfig, mode: str) -> None:
             _require(path is not None, f"env.{key} is required for env.dataset={env.dataset}")
             _require(Path(path).is_file(), f"env.{key}={path}: file not found")
     _require(env.num_prompts >= 1, f"env.num_prompts={env.num_prompts} must be >= 1")
-    _require(env.group_size >= 2, f"env.group_size={env.group_size} must be >= 2 (advantages are relative to the group)")
+    _require(env.group_size >= 2,
+             f"env.group_size={env.group_size} must be >= 2 (advantages are relative to the group)")
 
     is_correction = OmegaConf.select(cfg, "loss.is_correction", default="none")
     _require(is_correction == "none" or (cfg.rollout.engine == "direct" and cfg.generation.temperature == 1.0),
@@ -116,7 +117,8 @@ def validate(cfg: DictConfig, mode: str) -> None:
              f"train.grad_accum_steps={t.grad_accum_steps}")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
-    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"train.betas={list(t.betas)} must be two values in [0, 1)")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+             f"train.betas={list(t.betas)} must be two values in [0, 1)")
     _require(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm} must be > 0")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")

@@ -15,8 +15,9 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 __all__ = [
     "METRICS_FILENAME",
@@ -255,7 +256,7 @@ class MetricsLogger:
             if self._wandb_run is not None:
                 self._wandb_run.finish()
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -149,7 +149,8 @@ class GroupRollout:
             part["rollout_log_probs"] = self.last_rollout_log_probs.float()
         return part
 
-    def collect(self, policy_version: int = 0, shaping: RolloutShaping | None = None) -> tuple[TensorDict, dict[str, float]]:
+    def collect(self, policy_version: int = 0,
+                shaping: RolloutShaping | None = None) -> tuple[TensorDict, dict[str, float]]:
         """One step's batch of ``num_prompts * group_size`` scored samples, groups contiguous.
 
         With ``shaping.dynamic_sampling`` (DAPO), groups whose rewards are all equal are dropped

@@ -23,7 +23,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
                    eps: float) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay), not decayed on biases and norms, as is standard for LMs."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

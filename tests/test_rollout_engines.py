@@ -7,7 +7,6 @@ import pytest
 import tensordict
 import torch
 from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM
 
 from grpo_utils.collector_rollout import CollectorRollout
 from grpo_utils.data import PromptRenderer, PromptStream, quickstart_rows
