@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from grpo_utils.advantages import check_advantage_config
 from grpo_utils.data import DATASETS
 from grpo_utils.models import DTYPES
+from grpo_utils.rewards import plan_reward
 
 # Allowed keys per section. ``loss`` is checked by the loss class itself (its constructor).
 SCHEMA: dict[str, set[str]] = {
@@ -27,7 +28,6 @@ SCHEMA: dict[str, set[str]] = {
     "env.quickstart": {"num_train", "num_test"},
     "rollout": {"engine"},
     "generation": {"max_new_tokens", "temperature", "top_p", "top_k", "min_new_tokens"},
-    "reward": {"name", "format_weight", "require_format"},
     "advantage": {"estimator", "scale", "eps"},
     "train": {"max_steps", "epochs", "optim_batch_size", "grad_accum_steps", "lr", "weight_decay",
               "betas", "adam_eps", "max_grad_norm", "warmup_steps", "min_lr_ratio"},
@@ -67,6 +67,10 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(cfg.mode.name == mode,
              f"mode={cfg.mode.name} cannot run with grpo-{mode}.py; use grpo-{cfg.mode.name}.py "
              f"or mode={mode}")
+    try:
+        plan_reward(cfg.reward)  # the reward validates its own options (one line naming the key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _require(cfg.logger in LOGGERS, f"logger={cfg.logger!r} is unknown; expected one of {', '.join(LOGGERS)}")
     name = cfg.model.name
     _require(not name.startswith("builtin:") or name == "builtin:quickstart",

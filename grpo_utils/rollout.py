@@ -141,9 +141,11 @@ class GroupRollout:
         resp_mask = response_mask(response, self.stop_ids)
         completions = self.tokenizer.batch_decode(
             [r[m] for r, m in zip(response, resp_mask)], skip_special_tokens=True)
-        scores, failures = self.reward_fn(completions, rows)
+        prompts = [self.renderer(row) for row in rows] if self.reward_fn.uses_prompt else None
+        scores, failures = self.reward_fn(completions, rows, prompts)
         part = {"rows": rows, "prompt": prompt, "prompt_mask": prompt_mask, "response": response,
                 "response_mask": resp_mask, "scores": scores, "failures": failures,
+                "timeouts": self.reward_fn.last_timeouts,
                 "reward": torch.tensor([sc["reward"] for sc in scores], dtype=torch.float32)}
         if self.keep_rollout_log_probs:
             part["rollout_log_probs"] = self.last_rollout_log_probs.float()
@@ -208,14 +210,14 @@ class GroupRollout:
             "truncated_fraction": truncated.float().mean().item(),
             "zero_advantage_groups": zero_advantage_group_fraction(rewards, G),
             "reward/failures": float(part["failures"]),
+            "reward/timeouts": float(part.get("timeouts", 0)),
             "time/generate_s": t_gen,
         }
         if shaping.dynamic_sampling:
             stats.update({"dynamic_sampling/groups_dropped": float(dropped),
                           "dynamic_sampling/rounds": float(rounds + 1)})
-        for key in scores[0]:
-            if key != "reward":
-                stats[f"reward/{key}"] = sum(sc[key] for sc in scores) / len(scores)
+        for key in sorted({k for sc in scores for k in sc} - {"reward"}):
+            stats[f"reward/{key}"] = sum(sc.get(key, 0.0) for sc in scores) / len(scores)
         return batch, stats
 
 
@@ -229,7 +231,7 @@ def _merge_groups(groups: list[tuple[dict[str, Any], int]], group_size: int, pad
     resp_w = max(part["response"].shape[1] for part, _ in groups)
     out: dict[str, list] = {k: [] for k in ("rows", "prompt", "prompt_mask", "response", "response_mask",
                                             "scores", "reward", "rollout_log_probs")}
-    failures = {}
+    failures, timeouts = {}, {}
     for part, g in groups:
         sl = rows_of(part, g)
         prompt, pmask = part["prompt"][sl], part["prompt_mask"][sl]
@@ -246,9 +248,11 @@ def _merge_groups(groups: list[tuple[dict[str, Any], int]], group_size: int, pad
         out["scores"] += part["scores"][sl]
         out["reward"].append(part["reward"][sl])
         failures[id(part)] = part["failures"]
+        timeouts[id(part)] = part.get("timeouts", 0)
     merged = {"rows": out["rows"], "prompt": torch.cat(out["prompt"]), "prompt_mask": torch.cat(out["prompt_mask"]),
               "response": torch.cat(out["response"]), "response_mask": torch.cat(out["response_mask"]),
-              "scores": out["scores"], "reward": torch.cat(out["reward"]), "failures": sum(failures.values())}
+              "scores": out["scores"], "reward": torch.cat(out["reward"]), "failures": sum(failures.values()),
+              "timeouts": sum(timeouts.values())}
     if out["rollout_log_probs"]:
         merged["rollout_log_probs"] = torch.cat(out["rollout_log_probs"])
     return merged

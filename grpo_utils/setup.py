@@ -18,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue
 from grpo_utils.config import ConfigError, resolve_device, seed_everything, validate
 from grpo_utils.data import DataError, PromptRenderer, PromptStream, load_split
 from grpo_utils.losses import build_loss
-from grpo_utils.rewards import RewardFunction
+from grpo_utils.rewards import RewardFunction, build_reward
 from grpo_utils.rollout import GroupRollout
 
 
@@ -65,9 +65,8 @@ def make_loss(loss_cfg: DictConfig) -> torch.nn.Module:
 
 
 def make_reward(reward_cfg: DictConfig) -> RewardFunction:
-    kwargs = OmegaConf.to_container(reward_cfg, resolve=True)
     try:
-        return RewardFunction(kwargs.pop("name"), **kwargs)
+        return build_reward(reward_cfg)
     except ValueError as e:
         sys.exit(f"config error: {e}")
 
