@@ -2,23 +2,114 @@
 
 A row is a dict with at least ``question`` (what the model is asked) and ``answer`` (what the
 reward checks against); dataset-specific fields are kept so rewards can use them.
+
+Datasets (``env.dataset``):
+
+- ``quickstart``: generated "max of five digits" (the quick start's task).
+- ``gsm8k``: official GSM8K JSONL (``question``, ``answer`` ending in ``#### N``).
+- ``math``: MATH-style JSONL (``problem``, ``solution`` with ``\\boxed{}``, optional ``answer``,
+  ``level``, ``subject``/``type``); the answer is ``answer`` when present, else the content of
+  the solution's last ``\\boxed{...}``.
+- ``ifeval``: the official IFEval input JSONL (``key``, ``prompt``, ``instruction_id_list``,
+  ``kwargs``); the answer is empty (the instructions are the reference).
+- ``countdown``: generated from a seed: reach ``target`` from ``numbers`` with + - * /.
+- ``jsonl``: any JSONL; ``env.prompt_field`` and ``env.answer_field`` name the fields.
+
+The held-out split is ``env.test_path`` when given; otherwise, for file datasets, a deterministic
+slice of the training file (``env.heldout_fraction`` or ``env.heldout_count``) that is removed
+from the training rows. Generated datasets draw their held-out rows from another seed.
+
+Malformed rows raise :class:`DataError` naming ``file:line`` and what was expected, or, with
+``env.skip_bad_rows=true``, are skipped and counted in the returned :class:`Rows`' ``skipped``.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
-DATASETS = ("quickstart", "gsm8k", "jsonl")
+DATASETS = ("quickstart", "gsm8k", "math", "ifeval", "countdown", "jsonl")
+FILE_DATASETS = ("gsm8k", "math", "ifeval", "jsonl")
+GENERATED_DATASETS = ("quickstart", "countdown")
+TEMPLATES = ("plain", "chat", "r1_zero")
+SPLITS = ("train", "test")
+
+# The held-out slice of a training file does not depend on the run's seed, so runs with different
+# seeds (and the evaluation script) always hold out the same rows.
+HELDOUT_SEED = 0
+
+COUNTDOWN_DEFAULTS = {"num_train": 10000, "num_test": 200, "seed": 0, "min_numbers": 3, "max_numbers": 4,
+                      "max_number": 99, "max_target": 999}
 
 
 class DataError(ValueError):
     """A data file or row is not what the config says it should be."""
+
+
+class BadRow(ValueError):
+    """One row does not fit its dataset; the message says what was expected (no location)."""
+
+
+class Rows(list):
+    """The rows of one split: a plain list, plus ``skipped`` (malformed rows dropped from this
+    split's file under ``env.skip_bad_rows=true``) and ``source`` (the file, or ``generated``).
+
+    A held-out split cut from the training file reports ``skipped=0``: the file's malformed rows
+    are counted once, on the training split.
+    """
+
+    def __init__(self, rows=(), skipped: int = 0, source: str = ""):
+        super().__init__(rows)
+        self.skipped = skipped
+        self.source = source
+
+
+def _opt(cfg, key: str, default: Any = None) -> Any:
+    """``cfg.key`` for a DictConfig, dict or object, or ``default`` when absent or null."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict) or hasattr(cfg, "get"):
+        try:
+            value = cfg.get(key, default)
+        except Exception:  # a struct DictConfig may refuse unknown keys
+            value = default
+    else:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+# ----------------------------------------------------------------------------- JSONL reading
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    """(line number, row or BadRow) for every non-blank line of ``path``."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield lineno, BadRow(f"not valid JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                yield lineno, BadRow(f"expected a JSON object, got {type(row).__name__}")
+                continue
+            yield lineno, row
+
+
+def _check_file(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    return path
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -27,24 +118,44 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) pairs, so row errors can name the file line (blank lines are skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+    path = _check_file(path)
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    for lineno, row in _iter_jsonl(path):
+        if isinstance(row, BadRow):
+            raise DataError(f"{path}:{lineno}: {row}")
+        rows.append((lineno, row))
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def load_rows_from_file(path: str | Path, parse: Callable[[dict[str, Any]], dict[str, Any]],
+                        skip_bad: bool = False) -> Rows:
+    """Parse every row of a JSONL file with ``parse`` (which raises :class:`BadRow`).
+
+    A malformed line (bad JSON, not an object, or rejected by ``parse``) raises
+    ``DataError("<file>:<line>: <what was expected>")``, or is skipped and counted with ``skip_bad``.
+    """
+    path = _check_file(path)
+    rows, skipped, seen = [], 0, 0
+    for lineno, row in _iter_jsonl(path):
+        seen += 1
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            rows.append(parse(row))
+        except BadRow as e:
+            if not skip_bad:
+                raise DataError(f"{path}:{lineno}: {e}") from None
+            skipped += 1
+    if not seen:
+        raise DataError(f"{path}: no rows")
+    if not rows:
+        raise DataError(f"{path}: no valid rows ({skipped} malformed rows skipped)")
+    return Rows(rows, skipped=skipped, source=str(path))
+
+
+# ----------------------------------------------------------------------------- GSM8K
 
 
 def gsm8k_final_answer(solution: str) -> str:
@@ -52,25 +163,106 @@ def gsm8k_final_answer(solution: str) -> str:
     return solution.split("####")[-1].strip().replace(",", "")
 
 
-def _gsm8k_rows(path: str | Path) -> list[dict[str, Any]]:
-    out = []
-    for i, row in read_jsonl_numbered(path):
-        if "question" not in row or "answer" not in row or "####" not in str(row["answer"]):
-            raise DataError(
-                f"{path}:{i}: expected GSM8K fields 'question' and 'answer' (ending in '#### N')"
-            )
-        out.append({**row, "solution": row["answer"], "answer": gsm8k_final_answer(row["answer"])})
+def _gsm8k_row(row: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(row.get("question"), str) or "####" not in str(row.get("answer", "")):
+        raise BadRow("expected GSM8K fields 'question' and 'answer' (ending in '#### N')")
+    return {**row, "solution": row["answer"], "answer": gsm8k_final_answer(row["answer"])}
+
+
+def _gsm8k_rows(path: str | Path, skip_bad: bool = False) -> Rows:
+    return load_rows_from_file(path, _gsm8k_row, skip_bad)
+
+
+# ----------------------------------------------------------------------------- MATH
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)")
+
+
+def _braced(text: str, start: int) -> str | None:
+    """Content of the balanced ``{...}`` opening at ``text[start]``, or None if unbalanced.
+    Escaped braces (``\\{``, ``\\}``: LaTeX set braces) do not open or close a group."""
+    depth, i = 0, start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+        i += 1
+    return None
+
+
+def last_boxed_answer(text: str) -> str | None:
+    """Content of the last well-formed ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, with
+    nested braces balanced; ``\\boxed 5`` (no braces) gives ``5``. None when there is none."""
+    found = None
+    for m in _BOXED.finditer(text):
+        rest = m.end()
+        if rest < len(text) and text[rest] == "{":
+            inner = _braced(text, rest)
+            if inner is not None:
+                found = inner.strip()
+        elif text.startswith(" ", rest):
+            token = text[rest:].strip().split("$")[0].split()
+            if token:
+                found = token[0].rstrip(".,;")
+    return found
+
+
+def _math_row(row: dict[str, Any]) -> dict[str, Any]:
+    expected = "expected MATH fields 'problem' and 'solution' (with a \\boxed{} answer) or 'answer'"
+    problem = row.get("problem")
+    if not isinstance(problem, str) or not problem.strip():
+        raise BadRow(expected)
+    answer = row.get("answer")
+    if answer is None or not str(answer).strip():
+        solution = row.get("solution")
+        answer = last_boxed_answer(solution) if isinstance(solution, str) else None
+        if not answer:
+            raise BadRow(expected)
+    out = {**row, "question": problem, "answer": str(answer).strip()}
+    if "subject" not in out and "type" in out:  # the original MATH release calls it "type"
+        out["subject"] = out["type"]
     return out
 
 
-def _jsonl_rows(path: str | Path, prompt_field: str, answer_field: str) -> list[dict[str, Any]]:
-    numbered = read_jsonl_numbered(path)
-    for i, row in numbered:
+# ----------------------------------------------------------------------------- IFEval
+
+
+def _ifeval_row(row: dict[str, Any]) -> dict[str, Any]:
+    prompt, ids, kwargs = row.get("prompt"), row.get("instruction_id_list"), row.get("kwargs")
+    if (not isinstance(prompt, str) or not prompt.strip() or not isinstance(ids, list)
+            or not all(isinstance(i, str) for i in ids) or not isinstance(kwargs, list)
+            or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs)):
+        raise BadRow("expected IFEval fields 'prompt' (text), 'instruction_id_list' (list of ids) and "
+                     "'kwargs' (one object per instruction)")
+    return {**row, "question": prompt, "answer": ""}
+
+
+# ----------------------------------------------------------------------------- jsonl
+
+
+def _jsonl_parser(prompt_field: str, answer_field: str | None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def parse(row: dict[str, Any]) -> dict[str, Any]:
         for field in (prompt_field, answer_field):
-            if field not in row:
-                raise DataError(f"{path}:{i}: missing field '{field}'")
-    rows = [row for _, row in numbered]
-    return [{**r, "question": r[prompt_field], "answer": str(r[answer_field])} for r in rows]
+            if field is not None and field not in row:
+                raise BadRow(f"missing field '{field}'")
+        answer = "" if answer_field is None else str(row[answer_field])
+        return {**row, "question": row[prompt_field], "answer": answer}
+
+    return parse
+
+
+def _jsonl_rows(path: str | Path, prompt_field: str, answer_field: str | None, skip_bad: bool = False) -> Rows:
+    return load_rows_from_file(path, _jsonl_parser(prompt_field, answer_field), skip_bad)
+
+
+# ----------------------------------------------------------------------------- quickstart
 
 
 def quickstart_rows(n: int, seed: int, num_digits: int = 5,
@@ -89,47 +281,275 @@ def quickstart_rows(n: int, seed: int, num_digits: int = 5,
     return rows
 
 
-def load_split(env_cfg, split: str) -> list[dict[str, Any]]:
-    """Rows of ``split`` ("train" or "test") for the dataset named in ``env_cfg.dataset``."""
-    name = env_cfg.dataset
-    if name == "quickstart":
-        test = quickstart_rows(env_cfg.quickstart.num_test, seed=2)
-        if split == "test":
-            return test
-        return quickstart_rows(env_cfg.quickstart.num_train, seed=1,
-                               exclude={r["question"] for r in test})
-    path = env_cfg.train_path if split == "train" else env_cfg.test_path
-    if path is None:
-        raise DataError(f"env.{split}_path is required for env.dataset={name}")
+# ----------------------------------------------------------------------------- countdown
+
+COUNTDOWN_OPS = ("+", "-", "*", "/")
+
+
+def countdown_question(numbers: list[int], target: int) -> str:
+    return (f"Using the numbers {numbers}, create an equation that equals {target}. You can use basic "
+            "arithmetic operations (+, -, *, /) and each number can be used at most once.")
+
+
+def _random_expression(numbers: list[int], rng: random.Random) -> tuple[str, Fraction]:
+    """A random expression using every number once (a random binary tree), evaluated exactly.
+
+    ``-`` puts the larger operand first and ``/`` never divides by zero, so every intermediate
+    value is a non-negative Fraction; the caller keeps the expression if its value is an integer.
+    """
+    items = [(str(n), Fraction(n)) for n in numbers]
+    while len(items) > 1:
+        (ea, a), (eb, b) = (items.pop(rng.randrange(len(items))) for _ in range(2))
+        op = rng.choice(COUNTDOWN_OPS if b != 0 else COUNTDOWN_OPS[:3])
+        if op == "-" and a < b:
+            (ea, a), (eb, b) = (eb, b), (ea, a)
+        value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
+        items.append((f"({ea} {op} {eb})", value))
+    expr, value = items[0]
+    if expr.startswith("(") and expr.endswith(")"):
+        expr = expr[1:-1]  # the outermost parentheses are never needed
+    return expr, value
+
+
+def countdown_rows(n: int, seed: int | str, min_numbers: int = 3, max_numbers: int = 4, max_number: int = 99,
+                   max_target: int = 999, exclude: set[str] | None = None) -> list[dict[str, Any]]:
+    """``n`` Countdown problems: ``numbers`` (``min_numbers``..``max_numbers`` ints in
+    1..``max_number``) and an integer ``target`` in 1..``max_target`` reachable with + - * /
+    using each number at most once (``solution`` is one such expression, using all of them).
+
+    Built by evaluating a random expression over the numbers with exact Fraction arithmetic and
+    keeping it when the value is an integer in range that is not simply one of the numbers.
+    Deterministic in ``seed``; ``exclude`` (question texts) keeps held-out problems out.
+    """
+    if not 2 <= min_numbers <= max_numbers:
+        raise DataError(f"env.countdown: need 2 <= min_numbers ({min_numbers}) <= max_numbers ({max_numbers})")
+    if max_number < 1 or max_target < 1:
+        raise DataError(f"env.countdown: max_number ({max_number}) and max_target ({max_target}) must be >= 1")
+    rng = random.Random(seed)
+    exclude = exclude or set()
+    rows: list[dict[str, Any]] = []
+    while len(rows) < n:
+        count = rng.randint(min_numbers, max_numbers)  # drawn once per row: counts stay uniform
+        for _ in range(10000):
+            numbers = [rng.randint(1, max_number) for _ in range(count)]
+            expr, value = _random_expression(numbers, rng)
+            if value.denominator != 1 or not 1 <= value <= max_target or int(value) in numbers:
+                continue
+            question = countdown_question(numbers, int(value))
+            if question not in exclude:
+                break
+        else:
+            raise DataError(f"env.countdown: could only generate {len(rows)} of {n} problems with "
+                            f"{count} numbers, max_number={max_number}, max_target={max_target}; widen the ranges")
+        rows.append({"question": question, "answer": str(int(value)), "numbers": numbers, "target": int(value),
+                     "solution": expr})
+    return rows
+
+
+def _countdown_split(env_cfg, split: str) -> Rows:
+    c = {k: _opt(_opt(env_cfg, "countdown"), k, v) for k, v in COUNTDOWN_DEFAULTS.items()}
+    shape = {k: c[k] for k in ("min_numbers", "max_numbers", "max_number", "max_target")}
+    # String seeds are hashed deterministically (not by PYTHONHASHSEED): distinct streams per split.
+    test = countdown_rows(c["num_test"], seed=f"countdown:test:{c['seed']}", **shape)
+    if split == "test":
+        return Rows(test, source="generated")
+    return Rows(countdown_rows(c["num_train"], seed=f"countdown:train:{c['seed']}",
+                               exclude={r["question"] for r in test}, **shape), source="generated")
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def _file_rows(env_cfg, name: str, path: str | Path) -> Rows:
+    skip = bool(_opt(env_cfg, "skip_bad_rows", False))
     if name == "gsm8k":
-        return _gsm8k_rows(path)
-    if name == "jsonl":
-        return _jsonl_rows(path, env_cfg.prompt_field, env_cfg.answer_field)
-    raise DataError(f"env.dataset={name!r} is unknown; expected one of {', '.join(DATASETS)}")
+        return _gsm8k_rows(path, skip)
+    if name == "math":
+        return load_rows_from_file(path, _math_row, skip)
+    if name == "ifeval":
+        return load_rows_from_file(path, _ifeval_row, skip)
+    return _jsonl_rows(path, _opt(env_cfg, "prompt_field", "question"), env_cfg.get("answer_field", "answer"), skip)
+
+
+def heldout_size(env_cfg, num_rows: int) -> int:
+    """How many of ``num_rows`` training rows ``env.heldout_count`` / ``env.heldout_fraction`` hold out."""
+    count, fraction = int(_opt(env_cfg, "heldout_count", 0)), float(_opt(env_cfg, "heldout_fraction", 0.0))
+    if count < 0 or not 0 <= fraction < 1:
+        raise DataError(f"env.heldout_count={count} must be >= 0 and env.heldout_fraction={fraction} in [0, 1)")
+    size = count if count else (max(1, round(fraction * num_rows)) if fraction else 0)
+    if size >= num_rows:
+        raise DataError(f"env.heldout_count/heldout_fraction hold out {size} of {num_rows} rows; "
+                        "at least one must remain for training")
+    return size
+
+
+def split_heldout(rows: list[dict[str, Any]], size: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out): ``size`` rows picked by a fixed-seed draw (kept in file order) are held
+    out; training drops them and any other row with the same ``question`` (no leak via duplicates)."""
+    picked = set(random.Random(HELDOUT_SEED).sample(range(len(rows)), size))
+    heldout = [r for i, r in enumerate(rows) if i in picked]
+    questions = {str(r["question"]) for r in heldout}
+    train = [r for i, r in enumerate(rows) if i not in picked and str(r["question"]) not in questions]
+    return train, heldout
+
+
+def load_split(env_cfg, split: str) -> Rows:
+    """Rows of ``split`` ("train" or "test") for the dataset named in ``env_cfg.dataset``.
+
+    Returns a :class:`Rows` list (``.skipped`` counts malformed rows dropped under
+    ``env.skip_bad_rows=true``).
+    """
+    name = env_cfg.dataset
+    if split not in SPLITS:
+        raise DataError(f"split={split!r} is unknown; expected train or test")
+    if name == "quickstart":
+        q = env_cfg.quickstart
+        test = quickstart_rows(q.num_test, seed=2)
+        if split == "test":
+            return Rows(test, source="generated")
+        return Rows(quickstart_rows(q.num_train, seed=1, exclude={r["question"] for r in test}), source="generated")
+    if name == "countdown":
+        return _countdown_split(env_cfg, split)
+    if name not in FILE_DATASETS:
+        raise DataError(f"env.dataset={name!r} is unknown; expected one of {', '.join(DATASETS)}")
+
+    train_path, test_path = _opt(env_cfg, "train_path"), _opt(env_cfg, "test_path")
+    holdout = bool(_opt(env_cfg, "heldout_count", 0) or _opt(env_cfg, "heldout_fraction", 0.0))
+    if test_path is not None and holdout:
+        raise DataError("env.test_path and env.heldout_fraction/heldout_count are exclusive: the held-out "
+                        "split is either its own file or a slice of env.train_path")
+    if split == "test" and test_path is not None:
+        return _file_rows(env_cfg, name, test_path)
+    if train_path is None:
+        raise DataError(f"env.{split}_path is required for env.dataset={name}"
+                        + ("" if split == "train" else
+                           " (or env.train_path with env.heldout_fraction or env.heldout_count)"))
+    if split == "test" and not holdout:
+        raise DataError(f"env.test_path is required for env.dataset={name} (or hold out part of "
+                        "env.train_path with env.heldout_fraction or env.heldout_count)")
+    rows = _file_rows(env_cfg, name, train_path)
+    if not holdout:
+        return rows
+    train, heldout = split_heldout(rows, heldout_size(env_cfg, len(rows)))
+    if split == "test":
+        return Rows(heldout, skipped=0, source=rows.source)
+    return Rows(train, skipped=rows.skipped, source=rows.source)
+
+
+def validate_env(env_cfg, splits: tuple[str, ...] = SPLITS) -> None:
+    """Check the ``env:`` data settings needed to load ``splits`` without reading any data.
+
+    Raises :class:`DataError` with one line naming the key (for ``config.validate``).
+    """
+    name = _opt(env_cfg, "dataset")
+    if name not in DATASETS:
+        raise DataError(f"env.dataset={name!r} is unknown; expected one of {', '.join(DATASETS)}")
+    template = _opt(env_cfg, "template")
+    if template is not None and template not in TEMPLATES:
+        raise DataError(f"env.template={template!r} is unknown; expected one of {', '.join(TEMPLATES)}")
+    if name == "countdown":
+        c = {k: _opt(_opt(env_cfg, "countdown"), k, v) for k, v in COUNTDOWN_DEFAULTS.items()}
+        for key in ("num_train", "num_test"):
+            if c[key] < 1:
+                raise DataError(f"env.countdown.{key}={c[key]} must be >= 1")
+        if not 2 <= c["min_numbers"] <= c["max_numbers"]:
+            raise DataError(f"env.countdown.min_numbers={c['min_numbers']} must be >= 2 and <= "
+                            f"env.countdown.max_numbers={c['max_numbers']}")
+        for key in ("max_number", "max_target"):
+            if c[key] < 1:
+                raise DataError(f"env.countdown.{key}={c[key]} must be >= 1")
+    if name not in FILE_DATASETS:
+        return
+    count, fraction = _opt(env_cfg, "heldout_count", 0), _opt(env_cfg, "heldout_fraction", 0.0)
+    if count < 0:
+        raise DataError(f"env.heldout_count={count} must be >= 0")
+    if not 0 <= fraction < 1:
+        raise DataError(f"env.heldout_fraction={fraction} must be in [0, 1)")
+    holdout = bool(count or fraction)
+    test_path = _opt(env_cfg, "test_path")
+    if test_path is not None and holdout:
+        raise DataError("env.test_path and env.heldout_fraction/heldout_count are exclusive: set one")
+    needed = set()
+    if "train" in splits or ("test" in splits and test_path is None):
+        needed.add("train_path")
+    if "test" in splits and not holdout:
+        needed.add("test_path")
+    for key in sorted(needed, reverse=True):
+        path = _opt(env_cfg, key)
+        if path is None:
+            hint = " (or hold out part of env.train_path with env.heldout_fraction or env.heldout_count)" \
+                if key == "test_path" else ""
+            raise DataError(f"env.{key} is required for env.dataset={name}{hint}")
+        if not Path(path).expanduser().is_file():
+            raise DataError(f"env.{key}={path}: file not found")
+    if name == "jsonl" and not _opt(env_cfg, "prompt_field"):
+        raise DataError("env.prompt_field is required for env.dataset=jsonl")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+R1_ZERO_INSTRUCTION = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+    "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
+    "the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>."
+)
 
 
 class PromptRenderer:
-    """Turns a row into the exact prompt text the model sees (chat template or plain)."""
+    """Turns a row into the exact prompt text the model sees.
 
-    def __init__(self, tokenizer, prompt_format: str, system_prompt: str | None, chat: bool):
+    ``prompt_format`` (a format string over the row's fields) gives the user content, which
+    ``template`` wraps:
+
+    - ``plain``: the content as is (``system_prompt`` is not used);
+    - ``chat``: the tokenizer's chat template, with ``system_prompt`` as a system message;
+    - ``r1_zero``: DeepSeek-R1-Zero's plain-text conversation,
+      ``<instruction>\\nUser: <content>\\nAssistant: <think>``, where the instruction asks for
+      reasoning in ``<think> </think>`` and the answer in ``<answer> </answer>``
+      (``system_prompt``, when set, replaces the instruction).
+
+    ``template=None`` keeps the older switch: ``chat`` when ``chat`` is true, else ``plain``.
+    The ``chat`` attribute is true only for the ``chat`` template.
+    """
+
+    def __init__(self, tokenizer, prompt_format: str, system_prompt: str | None, chat: bool,
+                 template: str | None = None):
+        template = template or ("chat" if chat else "plain")
+        if template not in TEMPLATES:
+            raise DataError(f"env.template={template!r} is unknown; expected one of {', '.join(TEMPLATES)}")
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
         self.system_prompt = system_prompt
-        self.chat = chat
-        if chat and not getattr(tokenizer, "chat_template", None):
+        self.template = template
+        self.chat = template == "chat"
+        if self.chat and not getattr(tokenizer, "chat_template", None):
             raise DataError("env.chat_template=true but the tokenizer has no chat template")
 
-    def __call__(self, row: dict[str, Any]) -> str:
+    def content(self, row: dict[str, Any]) -> str:
+        """The user content: ``prompt_format`` filled with the row's fields."""
         try:
-            content = self.prompt_format.format(**row)
+            return self.prompt_format.format(**row)
         except KeyError as e:
             raise DataError(f"env.prompt_format refers to {e} which the dataset rows lack") from None
-        if not self.chat:
+
+    def __call__(self, row: dict[str, Any]) -> str:
+        content = self.content(row)
+        if self.template == "plain":
             return content
+        if self.template == "r1_zero":
+            return f"{self.system_prompt or R1_ZERO_INSTRUCTION}\nUser: {content}\nAssistant: <think>"
         messages = [{"role": "user", "content": content}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def renderer_from_config(env_cfg, tokenizer) -> PromptRenderer:
+    """The renderer an ``env:`` config section describes (``template`` null follows ``chat_template``)."""
+    return PromptRenderer(tokenizer, _opt(env_cfg, "prompt_format", "{question}"), _opt(env_cfg, "system_prompt"),
+                          bool(_opt(env_cfg, "chat_template", True)), template=_opt(env_cfg, "template"))
 
 
 class PromptStream:

@@ -2,33 +2,50 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+from fractions import Fraction
+from functools import cache
+from itertools import combinations
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from grpo_utils.data import (
+    R1_ZERO_INSTRUCTION,
     DataError,
     PromptRenderer,
     PromptStream,
+    Rows,
     _gsm8k_rows,
+    countdown_question,
+    countdown_rows,
+    last_boxed_answer,
     load_split,
     quickstart_rows,
     read_jsonl,
+    renderer_from_config,
+    split_heldout,
+    validate_env,
 )
 from grpo_utils.tiny_model import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+GSM8K = SHARED / "gsm8k"
+
+
+def shared_file(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"shared data not present at {path}")
+    return path
 
 
 def gsm8k_file(split: str) -> Path:
-    path = GSM8K / f"{split}.jsonl"
-    if not path.is_file():
-        pytest.skip(f"GSM8K data not present at {path}")
-    return path
+    return shared_file("gsm8k", f"{split}.jsonl")
 
 
 def env_cfg(**overrides):
@@ -165,7 +182,8 @@ def test_load_split_requires_path_and_known_dataset(tmp_path):
         load_split(env_cfg(dataset="gsm8k"), "test")
     with pytest.raises(DataError, match=re.escape("env.train_path is required for env.dataset=jsonl")):
         load_split(env_cfg(dataset="jsonl"), "train")
-    with pytest.raises(DataError, match=r"env.dataset='csv' is unknown; expected one of quickstart, gsm8k, jsonl"):
+    with pytest.raises(DataError, match=re.escape(
+            "env.dataset='csv' is unknown; expected one of quickstart, gsm8k, math, ifeval, countdown, jsonl")):
         load_split(env_cfg(dataset="csv", train_path=str(tmp_path / "x")), "train")
 
 
@@ -296,3 +314,334 @@ def test_stream_resume_matches_uninterrupted(consumed, batch_size):
     take(resumed, 1)  # its own position must be fully overwritten
     resumed.load_state_dict(state)
     assert ids(take(resumed, 8)) == expected
+
+
+# ----------------------------------------------------------------------------- MATH
+
+
+@pytest.mark.parametrize("name, expected_rows", [("train.jsonl", 7496), ("math500_test.jsonl", 500)])
+def test_math_shared_files(name, expected_rows):
+    path = shared_file("math", name)
+    raw = read_jsonl(path)
+    rows = load_split(env_cfg(dataset="math", train_path=str(path), test_path=str(path)), "test")
+    assert isinstance(rows, Rows) and rows.skipped == 0 and len(rows) == len(raw) == expected_rows
+    for r, row in zip(raw, rows):
+        assert row["question"] == r["problem"] and row["answer"] == r["answer"].strip()
+        assert (row["level"], row["subject"], row["solution"]) == (r["level"], r["subject"], r["solution"])
+        # without the answer field the solution's last \\boxed{} gives the same answer
+        assert last_boxed_answer(r["solution"]) == row["answer"]
+    assert any("\\frac" in row["answer"] for row in rows)  # nested-brace answers are represented
+
+
+def test_math500_first_row_known_values():
+    rows = load_split(env_cfg(dataset="math", test_path=str(shared_file("math", "math500_test.jsonl"))), "test")
+    assert rows[0]["question"].startswith("Convert the point $(0,3)$ in rectangular coordinates")
+    assert rows[0]["answer"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert (rows[0]["subject"], rows[0]["level"]) == ("Precalculus", 2)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so $x = \\boxed{5}$.", "5"),
+    ("\\boxed{\\frac{1}{2}} then \\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),  # the last one, nested
+    ("$\\boxed{\\{1, 2\\}}$", "\\{1, 2\\}"),  # escaped (set) braces do not close the group
+    ("\\fbox{ 7 }", "7"),
+    ("the answer is $\\boxed 42$.", "42"),
+    ("\\boxed{3} and a broken \\boxed{4", "3"),  # an unbalanced box is ignored
+    ("no box here: 12", None),
+])
+def test_last_boxed_answer(text, expected):
+    assert last_boxed_answer(text) == expected
+
+
+def test_math_answer_from_solution_and_type_alias(tmp_path):
+    path = write_lines(tmp_path / "m.jsonl", [
+        json.dumps({"problem": "p1", "solution": "so $\\boxed{\\dfrac{3}{4}}$", "level": "Level 3", "type": "Algebra"}),
+        json.dumps({"problem": "p2", "solution": "x \\boxed{1}", "answer": "2"}),  # an answer field wins
+        json.dumps({"problem": "p3", "solution": "x \\boxed{9}", "answer": ""}),   # an empty one does not
+    ])
+    rows = load_split(env_cfg(dataset="math", train_path=str(path), test_path=str(path)), "train")
+    assert [(r["question"], r["answer"]) for r in rows] == [("p1", "\\dfrac{3}{4}"), ("p2", "2"), ("p3", "9")]
+    assert rows[0]["subject"] == rows[0]["type"] == "Algebra" and rows[0]["level"] == "Level 3"
+
+
+def test_math_row_without_answer_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "m.jsonl", [
+        json.dumps({"problem": "p1", "solution": "\\boxed{1}"}),
+        json.dumps({"problem": "p2", "solution": "no box"}),
+    ])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: expected MATH fields 'problem' and 'solution'")):
+        load_split(env_cfg(dataset="math", train_path=str(path), test_path=str(path)), "train")
+
+
+# ----------------------------------------------------------------------------- IFEval
+
+
+def test_ifeval_shared_file_keeps_fields():
+    path = shared_file("ifeval", "input_data.jsonl")
+    raw = read_jsonl(path)
+    rows = load_split(env_cfg(dataset="ifeval", test_path=str(path)), "test")
+    assert len(rows) == len(raw) == 541
+    for r, row in zip(raw, rows):
+        assert row["question"] == r["prompt"] and row["answer"] == ""
+        assert (row["key"], row["instruction_id_list"], row["kwargs"]) == (r["key"], r["instruction_id_list"], r["kwargs"])
+    assert rows[0]["key"] == 1000 and rows[0]["instruction_id_list"][0] == "punctuation:no_comma"
+    assert rows[0]["kwargs"][1] == {"num_highlights": 3}
+
+
+def test_ifeval_bad_row_names_file_and_line(tmp_path):
+    good = {"key": 1, "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    path = write_lines(tmp_path / "i.jsonl", [json.dumps(good), json.dumps({**good, "kwargs": []})])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: expected IFEval fields 'prompt'")):
+        load_split(env_cfg(dataset="ifeval", test_path=str(path)), "test")
+
+
+# ----------------------------------------------------------------------------- countdown
+
+
+def reachable(numbers: list[int]) -> set[Fraction]:
+    """Every value of every expression over a sub-multiset of ``numbers`` (each used at most once)
+    with + - * /, by brute force."""
+    @cache
+    def exact(ms: tuple[int, ...]) -> frozenset[Fraction]:  # values using all of ms
+        if len(ms) == 1:
+            return frozenset({Fraction(ms[0])})
+        out = set()
+        idx = range(len(ms))
+        for r in range(1, len(ms)):
+            for left in combinations(idx, r):
+                if 0 not in left:  # each unordered split once; both operand orders below
+                    continue
+                right = tuple(ms[i] for i in idx if i not in left)
+                for a in exact(tuple(ms[i] for i in left)):
+                    for b in exact(right):
+                        out |= {a + b, a - b, b - a, a * b}
+                        out |= {a / b} if b else set()
+                        out |= {b / a} if a else set()
+        return frozenset(out)
+
+    values = set()
+    for r in range(1, len(numbers) + 1):
+        for subset in combinations(sorted(numbers), r):
+            values |= exact(subset)
+    return values
+
+
+def eval_expression(expr: str) -> tuple[Fraction, list[int]]:
+    """Exact value of an arithmetic expression and the numbers it uses."""
+    used = []
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            used.append(node.value)
+            return Fraction(node.value)
+        ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+               ast.Div: lambda a, b: a / b}
+        return ops[type(node.op)](ev(node.left), ev(node.right))
+
+    return ev(ast.parse(expr, mode="eval")), used
+
+
+def test_countdown_targets_reachable_by_brute_force():
+    rows = countdown_rows(40, seed=5, min_numbers=3, max_numbers=4, max_number=30, max_target=200)
+    for row in rows:
+        numbers, target = row["numbers"], row["target"]
+        assert 3 <= len(numbers) <= 4 and all(1 <= x <= 30 for x in numbers)
+        assert 1 <= target <= 200 and target not in numbers and row["answer"] == str(target)
+        assert Fraction(target) in reachable(numbers), row
+        value, used = eval_expression(row["solution"])
+        assert value == target and sorted(used) == sorted(numbers)  # the witness uses each number once
+        assert row["question"] == countdown_question(numbers, target)
+    assert {len(r["numbers"]) for r in rows} == {3, 4}
+
+
+def test_countdown_question_text():
+    assert countdown_question([3, 7, 25], 46) == (
+        "Using the numbers [3, 7, 25], create an equation that equals 46. You can use basic arithmetic "
+        "operations (+, -, *, /) and each number can be used at most once.")
+
+
+def test_countdown_splits_deterministic_disjoint_and_seeded():
+    cfg = env_cfg(dataset="countdown", countdown={"num_train": 300, "num_test": 50, "seed": 0})
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    assert len(train) == 300 and len(test) == 50 and train.source == "generated"
+    assert load_split(cfg, "train") == train and load_split(cfg, "test") == test
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    assert [r["question"] for r in train[:50]] != [r["question"] for r in test]  # another seed stream
+    other = load_split(env_cfg(dataset="countdown", countdown={"num_train": 300, "num_test": 50, "seed": 1}), "test")
+    assert [r["question"] for r in other] != [r["question"] for r in test]
+    assert all(max(r["numbers"]) <= 99 and r["target"] <= 999 for r in train)  # the defaults
+    # the number of numbers is configurable
+    five = load_split(env_cfg(dataset="countdown", countdown={"num_test": 10, "min_numbers": 5, "max_numbers": 5}),
+                      "test")
+    assert all(len(r["numbers"]) == 5 for r in five)
+
+
+def test_countdown_bad_settings():
+    with pytest.raises(DataError, match="min_numbers"):
+        countdown_rows(3, seed=0, min_numbers=1, max_numbers=2)
+    with pytest.raises(DataError, match=re.escape("env.countdown.min_numbers=4 must be >= 2 and <= "
+                                                  "env.countdown.max_numbers=3")):
+        validate_env(env_cfg(dataset="countdown", countdown={"min_numbers": 4, "max_numbers": 3}))
+    with pytest.raises(DataError, match="could only generate"):  # no integer target in range exists
+        countdown_rows(2, seed=0, min_numbers=2, max_numbers=2, max_number=1, max_target=1)
+
+
+# ----------------------------------------------------------------------------- held-out slices
+
+
+def numbered_file(tmp_path: Path, n: int, dup: int | None = None) -> Path:
+    lines = [json.dumps({"prompt": f"q{i}", "target": i}) for i in range(n)]
+    if dup is not None:
+        lines.append(json.dumps({"prompt": f"q{dup}", "target": -1}))  # a duplicate question
+    return write_lines(tmp_path / "d.jsonl", lines)
+
+
+@pytest.mark.parametrize("holdout, size", [({"heldout_fraction": 0.2}, 10), ({"heldout_count": 7}, 7),
+                                           ({"heldout_count": 3, "heldout_fraction": 0.5}, 3)])
+def test_heldout_slice_of_train(tmp_path, holdout, size):
+    path = numbered_file(tmp_path, 50)
+    cfg = env_cfg(dataset="jsonl", train_path=str(path), test_path=None, prompt_field="prompt",
+                  answer_field="target", **holdout)
+    train, test = load_split(cfg, "train"), load_split(cfg, "test")
+    assert len(test) == size and len(train) == 50 - size
+    assert sorted(r["target"] for r in train + test) == list(range(50))  # a partition of the file
+    assert [r["target"] for r in test] == sorted(r["target"] for r in test)  # file order
+    assert load_split(cfg, "test") == test and load_split(cfg, "train") == train  # fixed draw
+    assert [r["target"] for r in test] != list(range(size))  # not just the head of the file
+
+
+def test_heldout_removes_duplicate_questions_from_train(tmp_path):
+    rows = [{"question": f"q{i % 5}", "answer": str(i)} for i in range(10)]  # every question twice
+    train, heldout = split_heldout(rows, 2)
+    held = {r["question"] for r in heldout}
+    assert len(heldout) == 2 and not held & {r["question"] for r in train}
+    assert len(train) == 10 - 2 * len(held)
+
+
+def test_heldout_errors(tmp_path):
+    path = numbered_file(tmp_path, 5)
+    base = dict(dataset="jsonl", train_path=str(path), prompt_field="prompt", answer_field="target")
+    with pytest.raises(DataError, match="exclusive"):
+        load_split(env_cfg(**base, test_path=str(path), heldout_count=2), "test")
+    with pytest.raises(DataError, match="hold out 5 of 5 rows; at least one must remain"):
+        load_split(env_cfg(**base, test_path=None, heldout_count=5), "train")
+    with pytest.raises(DataError, match=re.escape("env.test_path is required for env.dataset=jsonl (or hold out")):
+        load_split(env_cfg(**base, test_path=None), "test")
+
+
+def test_generated_datasets_ignore_heldout_settings():
+    cfg = env_cfg(dataset="quickstart", heldout_fraction=0.5, quickstart={"num_train": 30, "num_test": 10})
+    assert len(load_split(cfg, "train")) == 30 and len(load_split(cfg, "test")) == 10
+
+
+# ----------------------------------------------------------------------------- malformed rows
+
+
+BAD_LINES = [
+    json.dumps({"question": "q1", "answer": "#### 1"}),
+    '{"question": "q2", "answer": ',  # line 2: not JSON
+    "",
+    "[1, 2]",  # line 4: not an object
+    json.dumps({"question": "q5", "answer": "5"}),  # line 5: no #### marker
+    json.dumps({"question": "q6", "answer": "#### 6"}),
+]
+
+
+def test_bad_rows_error_names_the_first_bad_line(tmp_path):
+    path = write_lines(tmp_path / "g.jsonl", BAD_LINES)
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: not valid JSON")):
+        load_split(env_cfg(dataset="gsm8k", train_path=str(path), test_path=str(path)), "train")
+    path = write_lines(tmp_path / "g2.jsonl", [BAD_LINES[0], BAD_LINES[4]])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: expected GSM8K fields 'question' and 'answer'")):
+        load_split(env_cfg(dataset="gsm8k", train_path=str(path), test_path=str(path)), "train")
+
+
+def test_skip_bad_rows_skips_and_counts(tmp_path):
+    path = write_lines(tmp_path / "g.jsonl", BAD_LINES)
+    cfg = env_cfg(dataset="gsm8k", train_path=str(path), test_path=str(path), skip_bad_rows=True)
+    rows = load_split(cfg, "train")
+    assert [r["answer"] for r in rows] == ["1", "6"] and rows.skipped == 3 and rows.source == str(path)
+    # a held-out slice of the same file: the skipped rows are counted once, on the train split
+    held = env_cfg(dataset="gsm8k", train_path=str(path), test_path=None, heldout_count=1, skip_bad_rows=True)
+    assert load_split(held, "train").skipped == 3 and load_split(held, "test").skipped == 0
+    jsonl = write_lines(tmp_path / "j.jsonl", [json.dumps({"p": "a", "t": 1}), json.dumps({"p": "b"})])
+    jcfg = env_cfg(dataset="jsonl", train_path=str(jsonl), prompt_field="p", answer_field="t", skip_bad_rows=True)
+    rows = load_split(jcfg, "train")
+    assert [r["question"] for r in rows] == ["a"] and rows.skipped == 1
+
+
+def test_skip_bad_rows_with_nothing_valid_is_an_error(tmp_path):
+    path = write_lines(tmp_path / "g.jsonl", ["nope", "[]"])
+    with pytest.raises(DataError, match=re.escape(f"{path}: no valid rows (2 malformed rows skipped)")):
+        load_split(env_cfg(dataset="gsm8k", train_path=str(path), skip_bad_rows=True), "train")
+
+
+def test_jsonl_without_answer_field(tmp_path):
+    path = write_lines(tmp_path / "j.jsonl", [json.dumps({"p": "write a haiku"})])
+    rows = load_split(env_cfg(dataset="jsonl", train_path=str(path), prompt_field="p", answer_field=None), "train")
+    assert rows == [{"p": "write a haiku", "question": "write a haiku", "answer": ""}]
+
+
+# ----------------------------------------------------------------------------- validate_env
+
+
+@pytest.mark.parametrize("overrides, splits, message", [
+    ({"dataset": "math"}, ("train", "test"), "env.train_path is required for env.dataset=math"),
+    ({"dataset": "math", "test_path": "/nope/t.jsonl"}, ("test",), "env.test_path=/nope/t.jsonl: file not found"),
+    ({"dataset": "gsm8k", "heldout_fraction": 1.5}, ("train",), "env.heldout_fraction=1.5 must be in [0, 1)"),
+    ({"dataset": "gsm8k", "heldout_count": -1}, ("train",), "env.heldout_count=-1 must be >= 0"),
+    ({"dataset": "ifeval", "template": "llama"}, ("test",), "env.template='llama' is unknown"),
+    ({"dataset": "countdown", "countdown": {"num_test": 0}}, ("test",), "env.countdown.num_test=0 must be >= 1"),
+])
+def test_validate_env_names_the_key(overrides, splits, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        validate_env(env_cfg(**overrides), splits)
+
+
+def test_validate_env_accepts_good_settings(tmp_path):
+    path = numbered_file(tmp_path, 5)
+    validate_env(env_cfg(dataset="countdown"))  # generated: no paths needed
+    validate_env(env_cfg(dataset="quickstart", template="r1_zero"))
+    validate_env(env_cfg(dataset="math", test_path=str(path)), ("test",))  # eval on a test file only
+    validate_env(env_cfg(dataset="math", train_path=str(path), heldout_fraction=0.1))  # held out of train
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def test_renderer_r1_zero_exact_text(tok):
+    row = {"question": "What is 2+3?", "answer": "5"}
+    r = PromptRenderer(tok, "{question}", None, True, template="r1_zero")
+    assert r(row) == (
+        "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+        "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
+        "the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
+        "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+        "<answer> answer here </answer>.\nUser: What is 2+3?\nAssistant: <think>")
+    assert r.template == "r1_zero" and r.chat is False  # plain text, no chat template
+    custom = PromptRenderer(tok, "Q: {question}", "Think first.", False, template="r1_zero")
+    assert custom(row) == "Think first.\nUser: Q: What is 2+3?\nAssistant: <think>"
+    assert R1_ZERO_INSTRUCTION in r(row)
+
+
+def test_renderer_template_names_and_defaults(tok):
+    row = {"question": "max 1 2"}
+    chat = "<|im_start|>user\nmax 1 2<|im_end|>\n<|im_start|>assistant\n"
+    assert PromptRenderer(tok, "{question}", None, False, template="chat")(row) == chat
+    assert PromptRenderer(tok, "{question}", "sys", True, template="plain")(row) == "max 1 2"
+    assert PromptRenderer(tok, "{question}", None, True).template == "chat"  # template=None: follow `chat`
+    assert PromptRenderer(tok, "{question}", None, False).template == "plain"
+    with pytest.raises(DataError, match=re.escape("env.template='xml' is unknown; expected one of plain, chat, r1_zero")):
+        PromptRenderer(tok, "{question}", None, True, template="xml")
+
+
+def test_renderer_from_config(tok):
+    row = {"question": "max 1 2", "answer": "2"}
+    r = renderer_from_config(env_cfg(template="r1_zero", prompt_format="Task: {question}"), tok)
+    assert r(row).endswith("\nUser: Task: max 1 2\nAssistant: <think>") and r.prompt_format == "Task: {question}"
+    r = renderer_from_config(env_cfg(chat_template=False), tok)  # no template key: chat_template decides
+    assert r(row) == "max 1 2" and r.system_prompt is None and not r.chat
+    r = renderer_from_config(env_cfg(system_prompt="Be brief."), tok)
+    assert r.chat and r(row).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
