@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_utils.advantages import check_advantage_config
-from grpo_utils.data import DATASETS
+from grpo_utils.data import DataError, validate_env
 from grpo_utils.models import DTYPES
 from grpo_utils.rewards import plan_reward
 
@@ -24,15 +23,17 @@ SCHEMA: dict[str, set[str]] = {
     "wandb": {"project", "run_name"},
     "model": {"name", "dtype", "gradient_checkpointing"},
     "env": {"dataset", "train_path", "test_path", "prompt_field", "answer_field", "prompt_format",
-            "system_prompt", "chat_template", "num_prompts", "group_size", "shuffle", "quickstart"},
+            "system_prompt", "chat_template", "template", "num_prompts", "group_size", "shuffle", "quickstart",
+            "countdown", "heldout_fraction", "heldout_count", "skip_bad_rows"},
     "env.quickstart": {"num_train", "num_test"},
+    "env.countdown": {"num_train", "num_test", "seed", "min_numbers", "max_numbers", "max_number", "max_target"},
     "rollout": {"engine"},
     "generation": {"max_new_tokens", "temperature", "top_p", "top_k", "min_new_tokens"},
     "advantage": {"estimator", "scale", "eps"},
     "train": {"max_steps", "epochs", "optim_batch_size", "grad_accum_steps", "lr", "weight_decay",
               "betas", "adam_eps", "max_grad_norm", "warmup_steps", "min_lr_ratio"},
     "checkpoint": {"every_n_steps", "keep_last"},
-    "eval": {"heldout_size", "before_after", "every_n_steps", "batch_size"},
+    "eval": {"heldout_size", "before_after", "every_n_steps", "batch_size", "k", "temperature"},
 }
 LOGGERS = ("none", "wandb")
 ENGINES = ("direct", "collector")
@@ -78,12 +79,10 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype!r}; expected one of {', '.join(DTYPES)}")
 
     env = cfg.env
-    _require(env.dataset in DATASETS, f"env.dataset={env.dataset!r} is unknown; expected one of {', '.join(DATASETS)}")
-    if env.dataset != "quickstart":
-        for key in ("train_path", "test_path"):
-            path = env[key]
-            _require(path is not None, f"env.{key} is required for env.dataset={env.dataset}")
-            _require(Path(path).is_file(), f"env.{key}={path}: file not found")
+    try:
+        validate_env(env)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     _require(env.num_prompts >= 1, f"env.num_prompts={env.num_prompts} must be >= 1")
     _require(env.group_size >= 2,
              f"env.group_size={env.group_size} must be >= 2 (advantages are relative to the group)")
@@ -94,8 +93,9 @@ def validate(cfg: DictConfig, mode: str) -> None:
              "TorchRL's TransformersWrapper reports log-probs of the untempered logits")
     _require(cfg.rollout.engine in ENGINES,
              f"rollout.engine={cfg.rollout.engine!r} is unknown; expected one of {', '.join(ENGINES)}")
-    _require(cfg.rollout.engine != "collector" or env.chat_template,
-             "rollout.engine=collector needs env.chat_template=true (TorchRL's ChatEnv renders chats)")
+    template = env.get("template") or ("chat" if env.chat_template else "plain")
+    _require(cfg.rollout.engine != "collector" or template == "chat",
+             "rollout.engine=collector needs the chat template (TorchRL's ChatEnv renders chats)")
     gen = cfg.generation
     _require(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens} must be >= 1")
     _require(gen.temperature > 0, f"generation.temperature={gen.temperature} must be > 0")
@@ -132,6 +132,8 @@ def validate(cfg: DictConfig, mode: str) -> None:
              f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1 or null")
     _require(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps={cfg.eval.every_n_steps} must be >= 0")
     _require(cfg.eval.heldout_size >= 0, f"eval.heldout_size={cfg.eval.heldout_size} must be >= 0")
+    _require(cfg.eval.k >= 0, f"eval.k={cfg.eval.k} must be >= 0 (0 = greedy accuracy only)")
+    _require(cfg.eval.temperature > 0, f"eval.temperature={cfg.eval.temperature} must be > 0")
     _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
     _require(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0")
     resolve_device(cfg.device)

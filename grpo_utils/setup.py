@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from grpo_utils.config import ConfigError, resolve_device, seed_everything, validate
-from grpo_utils.data import DataError, PromptRenderer, PromptStream, load_split
+from grpo_utils.data import DataError, PromptRenderer, PromptStream, Rows, load_split, renderer_from_config
 from grpo_utils.losses import build_loss
 from grpo_utils.rewards import RewardFunction, build_reward
 from grpo_utils.rollout import GroupRollout
@@ -71,17 +71,22 @@ def make_reward(reward_cfg: DictConfig) -> RewardFunction:
         sys.exit(f"config error: {e}")
 
 
-def load_rows(env_cfg: DictConfig, heldout_size: int) -> tuple[list[dict], list[dict]]:
+def load_rows(env_cfg: DictConfig, heldout_size: int) -> tuple[Rows, Rows]:
+    """Training and held-out rows (``.skipped`` counts malformed rows skipped with skip_bad_rows)."""
     try:
         train, test = load_split(env_cfg, "train"), load_split(env_cfg, "test")
     except DataError as e:
         sys.exit(f"data error: {e}")
-    return train, test[:heldout_size] if heldout_size else test
+    if heldout_size:
+        test = Rows(test[:heldout_size], skipped=test.skipped, source=test.source)
+    if train.skipped or test.skipped:
+        print(f"skipped {train.skipped + test.skipped} malformed rows (env.skip_bad_rows=true)")
+    return train, test
 
 
 def make_renderer(env_cfg: DictConfig, tokenizer, sample_row: dict) -> PromptRenderer:
     try:
-        renderer = PromptRenderer(tokenizer, env_cfg.prompt_format, env_cfg.system_prompt, env_cfg.chat_template)
+        renderer = renderer_from_config(env_cfg, tokenizer)
         renderer(sample_row)  # fail now, not mid-run, on a template that does not fit the rows
     except DataError as e:
         sys.exit(f"config error: {e}")

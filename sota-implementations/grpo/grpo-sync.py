@@ -16,10 +16,9 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacem
 from grpo_utils import checkpoint as ckpt
 from grpo_utils.advantages import assign_advantages
 from grpo_utils.data import PromptStream
-from grpo_utils.evaluation import greedy_accuracy
+from grpo_utils.evaluation import evaluate
 from grpo_utils.metrics import MetricsLogger, format_summary, plot_reward_curve, write_summary
 from grpo_utils.models import load_policy, make_reference
-from grpo_utils.rollout import generation_kwargs, make_generator
 from grpo_utils.setup import load_rows, make_loss, make_renderer, make_reward, make_rollout, start_run
 from grpo_utils.trainer import PolicyTrainer
 
@@ -38,7 +37,6 @@ def main(cfg: DictConfig) -> None:
     prompts = PromptStream(train_rows, cfg.env.num_prompts, seed=cfg.seed, shuffle=cfg.env.shuffle)
     rollout = make_rollout(cfg, model, tokenizer, renderer, reward_fn, prompts,
                            keep_rollout_log_probs=loss_fn.needs_rollout_log_probs)
-    greedy = make_generator(model, tokenizer, generation_kwargs(cfg.generation, greedy=True))
     trainer = PolicyTrainer(model, loss_fn, cfg.train, cfg.generation.temperature, ref_model)
 
     rollout_size = cfg.env.num_prompts * cfg.env.group_size
@@ -65,13 +63,20 @@ def main(cfg: DictConfig) -> None:
                               "heldout_accuracy_before": before},
                              keep_last=cfg.checkpoint.keep_last)
 
+    def held_out_eval() -> dict[str, float]:
+        """Greedy accuracy on the held-out rows, plus pass@k / maj@k / mean@k when eval.k > 0."""
+        return evaluate(model, tokenizer, renderer, reward_fn, heldout_rows, k=cfg.eval.k,
+                        temperature=cfg.eval.temperature, top_p=cfg.generation.top_p, top_k=cfg.generation.top_k,
+                        max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+
     logger = MetricsLogger(run.run_dir, backend=cfg.logger, project=cfg.wandb.project,
                            run_name=cfg.wandb.run_name, config=OmegaConf.to_container(cfg, resolve=True),
                            total_steps=cfg.train.max_steps, start_step=step)
     t_start = time.perf_counter()
     if cfg.eval.before_after and before is None:
-        before = greedy_accuracy(rollout, greedy, heldout_rows, cfg.eval.batch_size)["eval/accuracy"]
-        logger.log_eval({"eval/accuracy": before}, step=0)
+        first = held_out_eval()
+        before = first["eval/accuracy"]
+        logger.log_eval(first, step=0)
 
     while step < cfg.train.max_steps:
         batch, stats = rollout.collect(policy_version=step, shaping=loss_fn.rollout_shaping)
@@ -92,17 +97,17 @@ def main(cfg: DictConfig) -> None:
             metrics["tokens_per_s"] = tokens / (stats["time/generate_s"] + t_train)
             logger.log({**stats, **metrics, "policy_version": int(batch["policy_version"][0])}, step=step)
             if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
-                logger.log_eval(greedy_accuracy(rollout, greedy, heldout_rows, cfg.eval.batch_size), step=step)
+                logger.log_eval(held_out_eval(), step=step)
             if step >= cfg.train.max_steps:
                 break
         if cfg.checkpoint.every_n_steps and step // cfg.checkpoint.every_n_steps > last_saved:
             save(step)  # at a rollout boundary, so resuming replays nothing and skips nothing
 
-    extra = {}
+    extra = {"data/skipped_rows": train_rows.skipped + heldout_rows.skipped}
     if cfg.eval.before_after:
-        after = greedy_accuracy(rollout, greedy, heldout_rows, cfg.eval.batch_size)
+        after = held_out_eval()
         logger.log_eval(after, step=step)
-        extra = {"heldout_accuracy_before": before, "heldout_accuracy_after": after["eval/accuracy"]}
+        extra |= {"heldout_accuracy_before": before, "heldout_accuracy_after": after["eval/accuracy"]}
     if not ckpt.latest_checkpoint(run.run_dir) or ckpt.latest_checkpoint(run.run_dir).name != f"step_{step}":
         save(step)
     logger.close()
