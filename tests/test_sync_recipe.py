@@ -184,6 +184,31 @@ def test_bad_config_fails_fast_with_one_line(env, tmp_path, override, expected):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+TASK_DATA = {
+    "grpo_gsm8k": [f"env.train_path={SHARED / 'gsm8k' / 'train.jsonl'}", f"env.test_path={SHARED / 'gsm8k' / 'test.jsonl'}"],
+    "grpo_math": [f"env.train_path={SHARED / 'math' / 'train.jsonl'}",
+                  f"env.test_path={SHARED / 'math' / 'math500_test.jsonl'}"],
+    "grpo_ifeval": [f"env.train_path={SHARED / 'ifeval' / 'input_data.jsonl'}"],
+    "grpo_countdown": [],
+}
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared data absent")
+@pytest.mark.parametrize("config", sorted(TASK_DATA))
+def test_task_config_runs_one_step(env, tiny_dir, tmp_path, config):
+    """Each shipped task config (dataset + template + reward) trains a step and evaluates, on a tiny model."""
+    run_dir = tmp_path / config
+    run_recipe(env, f"--config-name={config}", *TASK_DATA[config], f"model.name={tiny_dir}", f"hydra.run.dir={run_dir}",
+               "device=cpu", "model.dtype=float32", "model.gradient_checkpointing=false", "env.num_prompts=2",
+               "env.group_size=4", "train.optim_batch_size=8", "train.grad_accum_steps=2", "train.max_steps=1",
+               "generation.max_new_tokens=8", "eval.heldout_size=4", "eval.every_n_steps=0", "eval.k=2")
+    train = [r for r in read_lines(run_dir / "metrics.jsonl") if "reward/mean" in r]
+    assert len(train) == 1 and REQUIRED_KEYS <= train[0].keys()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 0.0 <= summary["heldout_accuracy_after"] <= 1.0
+    assert 0.0 <= summary["best"]["eval/pass@2"] <= 1.0
+
+
 def test_gsm8k_config_requires_data_paths(env, tmp_path):
     proc = run_recipe(env, "--config-name=grpo_gsm8k", f"hydra.run.dir={tmp_path / 'r'}", "device=cpu", check=False)
     assert proc.returncode != 0
