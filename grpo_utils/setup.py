@@ -106,3 +106,14 @@ def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, re
                                 cfg.env.group_size, stream)
     return GroupRollout(model, tokenizer, renderer, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size,
                         stream, keep_rollout_log_probs=keep_rollout_log_probs)
+
+
+def find_resume_checkpoint(resume, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from (``resume=true``: the run dir's latest, if any), checked
+    before any model is loaded."""
+    from grpo_utils.checkpoint import resolve_resume
+
+    try:
+        return resolve_resume(resume, run_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"error: resume={resume}: {e}")

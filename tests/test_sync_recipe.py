@@ -215,6 +215,14 @@ def test_gsm8k_config_requires_data_paths(env, tmp_path):
     assert "env.train_path is required" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_resume_from_a_missing_checkpoint_is_one_line(env, tmp_path):
+    missing = tmp_path / "nowhere" / "step_5"
+    proc = run_recipe(env, f"hydra.run.dir={tmp_path / 'r'}", f"resume={missing}", check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: resume=") and str(missing) in last
+
+
 def test_missing_data_file_is_named(env, tmp_path):
     missing = tmp_path / "nope.jsonl"
     proc = run_recipe(env, f"hydra.run.dir={tmp_path / 'r'}", "env.dataset=gsm8k", f"env.train_path={missing}",

@@ -19,7 +19,15 @@ from grpo_utils.data import PromptStream
 from grpo_utils.evaluation import evaluate
 from grpo_utils.metrics import MetricsLogger, format_summary, plot_reward_curve, write_summary
 from grpo_utils.models import load_policy, make_reference
-from grpo_utils.setup import load_rows, make_loss, make_renderer, make_reward, make_rollout, start_run
+from grpo_utils.setup import (
+    find_resume_checkpoint,
+    load_rows,
+    make_loss,
+    make_renderer,
+    make_reward,
+    make_rollout,
+    start_run,
+)
 from grpo_utils.trainer import PolicyTrainer
 
 
@@ -28,6 +36,7 @@ def main(cfg: DictConfig) -> None:
     run = start_run(cfg, mode="sync")
     loss_fn, reward_fn = make_loss(cfg.loss), make_reward(cfg.reward)
     train_rows, heldout_rows = load_rows(cfg.env, cfg.eval.heldout_size)
+    resume_from = find_resume_checkpoint(cfg.resume, run.run_dir)
 
     # Policy, (reference), rollout and trainer. In sync mode the generator shares the
     # training module, so weight sync is free and every sample has policy age 0.
@@ -47,7 +56,6 @@ def main(cfg: DictConfig) -> None:
     need_behaviour = updates_per_rollout > 1 or loss_fn.kl_in_reward or loss_fn.needs_rollout_log_probs
 
     step, before = 0, None
-    resume_from = ckpt.resolve_resume(cfg.resume, run.run_dir)
     if resume_from is not None:
         ckpt.load_model_weights(resume_from, model)
         state = ckpt.load_trainer_state(resume_from)
