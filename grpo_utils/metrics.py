@@ -502,7 +502,10 @@ def format_summary(summary: dict) -> str:
         lines.append("reward/mean: " + ", ".join(parts))
     if "loss" in final:
         lines.append(f"loss:        final {_short(final['loss'])}")
-    for k in sorted(k for k in best if k.startswith(_EVAL_PREFIX)):
+    # Scores only: counts and lengths (eval/num_prompts, eval/*failures, eval/*length) are not "best".
+    scores = (k for k in best if k.startswith(_EVAL_PREFIX)
+              and not any(w in k for w in ("num_prompts", "failures", "length")))
+    for k in sorted(scores):
         lines.append(f"{k}: best {_short(best[k])}{with_step(k)}")
     before = summary.get("heldout_accuracy_before")
     after = summary.get("heldout_accuracy_after")
