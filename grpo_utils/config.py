@@ -19,7 +19,9 @@ from grpo_utils.rewards import plan_reward
 SCHEMA: dict[str, set[str]] = {
     "": {"defaults", "mode", "loss", "seed", "resume", "logger", "wandb", "device", "num_threads",
          "model", "env", "rollout", "generation", "reward", "advantage", "train", "checkpoint", "eval"},
-    "mode": {"name"},
+    # The async keys are read by grpo-async.py (grpo_utils/ray_resources.py) with defaults.
+    "mode": {"name", "num_collectors", "collector_cpus", "collector_gpus", "trainer_cpus", "cluster_cpus",
+             "max_staleness", "weight_update_frequency", "buffer_size", "actor_timeout_s"},
     "wandb": {"project", "run_name"},
     "model": {"name", "dtype", "gradient_checkpointing"},
     "env": {"dataset", "train_path", "test_path", "prompt_field", "answer_field", "prompt_format",

@@ -1,0 +1,121 @@
+"""Ray resource planning for the async recipe: what the config asks for, whether the machine has
+it, and a local Ray cluster sized to exactly that (so nothing waits forever for a CPU on 2 cores)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+# Async-only keys of ``mode`` and their defaults (read with OmegaConf.select, so sync configs
+# need none of them).
+ASYNC_DEFAULTS = {
+    "num_collectors": 1,         # collector actors, each with its own copy of the policy
+    "collector_cpus": 1,         # Ray CPUs reserved per collector actor
+    "collector_gpus": 0,         # Ray GPUs per collector actor (0: it generates on CPU)
+    "trainer_cpus": 1,           # cores kept for the trainer (the driver process)
+    "cluster_cpus": None,        # CPUs the machine offers; null: os.cpu_count()
+    "max_staleness": 1,          # drop samples generated more than this many policy versions ago
+    "weight_update_frequency": 1,  # push weights to the collectors every N optimizer steps
+    "buffer_size": 2,            # rollout batches the queue holds before collectors block
+    "actor_timeout_s": 120.0,    # longest wait on any actor/queue call before the run stops
+}
+
+
+def mode_opt(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, f"mode.{key}", default=ASYNC_DEFAULTS[key])
+
+
+@dataclass
+class ResourcePlan:
+    cluster_cpus: int
+    cluster_gpus: int
+    collector_cpus: float
+    collector_gpus: float
+    num_collectors: int
+    trainer_cpus: int
+    trainer_gpus: int
+
+    @property
+    def ray_cpus(self) -> float:
+        """CPUs the Ray cluster is started with: the collectors' share (the trainer runs in the driver)."""
+        return self.num_collectors * self.collector_cpus
+
+    @property
+    def ray_gpus(self) -> float:
+        return self.num_collectors * self.collector_gpus
+
+    @property
+    def trainer_threads(self) -> int:
+        return max(1, self.trainer_cpus)
+
+
+def check_async_options(cfg: DictConfig) -> None:
+    """Raise ``ValueError`` (one line naming the key) on a bad async setting."""
+    n = mode_opt(cfg, "num_collectors")
+    checks = [
+        (isinstance(n, int) and n >= 1, f"mode.num_collectors={n} must be an integer >= 1"),
+        (mode_opt(cfg, "collector_cpus") > 0, f"mode.collector_cpus={mode_opt(cfg, 'collector_cpus')} must be > 0"),
+        (mode_opt(cfg, "collector_gpus") >= 0, f"mode.collector_gpus={mode_opt(cfg, 'collector_gpus')} must be >= 0"),
+        (mode_opt(cfg, "trainer_cpus") >= 1, f"mode.trainer_cpus={mode_opt(cfg, 'trainer_cpus')} must be >= 1"),
+        (mode_opt(cfg, "max_staleness") >= 0, f"mode.max_staleness={mode_opt(cfg, 'max_staleness')} must be >= 0"),
+        (mode_opt(cfg, "weight_update_frequency") >= 1,
+         f"mode.weight_update_frequency={mode_opt(cfg, 'weight_update_frequency')} must be >= 1"),
+        (mode_opt(cfg, "buffer_size") >= 1, f"mode.buffer_size={mode_opt(cfg, 'buffer_size')} must be >= 1"),
+        (mode_opt(cfg, "actor_timeout_s") > 0, f"mode.actor_timeout_s={mode_opt(cfg, 'actor_timeout_s')} must be > 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+def plan_resources(cfg: DictConfig, trainer_device: torch.device,
+                   available_gpus: int | None = None) -> ResourcePlan:
+    """The plan, or ``ValueError`` with one line saying what is short."""
+    cluster_cpus = mode_opt(cfg, "cluster_cpus") or os.cpu_count() or 1
+    gpus = torch.cuda.device_count() if available_gpus is None else available_gpus
+    plan = ResourcePlan(cluster_cpus=int(cluster_cpus), cluster_gpus=gpus,
+                        collector_cpus=float(mode_opt(cfg, "collector_cpus")),
+                        collector_gpus=float(mode_opt(cfg, "collector_gpus")),
+                        num_collectors=int(mode_opt(cfg, "num_collectors")),
+                        trainer_cpus=int(mode_opt(cfg, "trainer_cpus")),
+                        trainer_gpus=int(trainer_device.type == "cuda"))
+    need_cpus = plan.ray_cpus + plan.trainer_cpus
+    if need_cpus > plan.cluster_cpus:
+        raise ValueError(
+            f"not enough CPUs: mode.num_collectors={plan.num_collectors} x mode.collector_cpus={plan.collector_cpus:g}"
+            f" + mode.trainer_cpus={plan.trainer_cpus} = {need_cpus:g} CPUs, but the machine has {plan.cluster_cpus}"
+            f" (short by {need_cpus - plan.cluster_cpus:g})")
+    need_gpus = plan.ray_gpus + plan.trainer_gpus
+    if need_gpus > plan.cluster_gpus:
+        raise ValueError(
+            f"not enough GPUs: mode.num_collectors={plan.num_collectors} x mode.collector_gpus={plan.collector_gpus:g}"
+            f" + trainer {plan.trainer_gpus} = {need_gpus:g} GPUs, but the machine has {plan.cluster_gpus}"
+            f" (short by {need_gpus - plan.cluster_gpus:g})")
+    return plan
+
+
+def init_ray(plan: ResourcePlan) -> None:
+    """A fresh local Ray cluster with exactly the planned resources (no dashboard, no usage stats)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=math.ceil(plan.ray_cpus), num_gpus=math.ceil(plan.ray_gpus),
+             include_dashboard=False, logging_level="WARNING", log_to_driver=True, configure_logging=True)
+
+
+def shutdown_ray(actors: list) -> None:
+    """Kill ``actors`` (ignoring those already dead), then stop the local cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already dead or never started
+            pass
+    ray.shutdown()
