@@ -597,4 +597,3 @@ class PromptStream:
         self._order = self._permutation()
 
 
-RowFn = Callable[[dict[str, Any]], str]

@@ -46,10 +46,6 @@ def start_run(cfg: DictConfig, mode: str) -> Run:
     return Run(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir), device=resolve_device(cfg.device))
 
 
-def fail(msg: str) -> None:
-    sys.exit(f"error: {msg}")
-
-
 def make_loss(loss_cfg: DictConfig) -> torch.nn.Module:
     """Builds ``loss._target_`` with the other keys; a bad key or value is a one-line error."""
     kwargs = OmegaConf.to_container(loss_cfg, resolve=True)

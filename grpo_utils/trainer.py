@@ -53,7 +53,6 @@ class PolicyTrainer:
                                         tuple(train_cfg.betas), train_cfg.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio))
-        self.needs_entropy = True  # entropy is always logged
 
     def _log_probs(self, model, mb: TensorDict, with_entropy: bool):
         start = mb["input_ids"].shape[1] - mb["response_mask"].shape[1]

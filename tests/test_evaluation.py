@@ -18,14 +18,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from grpo_utils.data import PromptRenderer, PromptStream, quickstart_rows
+from grpo_utils.data import PromptRenderer, quickstart_rows
 from grpo_utils.evaluation import (
     EvalConfigError,
     build_report,
     evaluate,
     extract_answer,
     format_table,
-    greedy_accuracy,
     majority_vote,
     normalize_answer,
     pass_at_k,
@@ -35,7 +34,6 @@ from grpo_utils.evaluation import (
 )
 from grpo_utils.models import load_tokenizer
 from grpo_utils.rewards import RewardFunction
-from grpo_utils.rollout import GroupRollout, make_generator
 from grpo_utils.tiny_model import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,17 +167,26 @@ def test_evaluate_metric_relations_and_determinism(tiny):
     assert [r["question"] for r in records] == [r["question"] for r in ROWS]
 
 
-def test_evaluate_greedy_matches_greedy_accuracy(tiny):
+def test_evaluate_greedy_matches_unbatched_generate(tiny):
+    """Batched, left-padded greedy evaluation equals generating each prompt alone."""
     model, tok = tiny
     renderer = PromptRenderer(tok, "{question}", None, True)
     reward = RewardFunction("numeric_answer")
     rows = quickstart_rows(12, seed=4)
-    gen_kwargs = {"max_new_tokens": 3, "do_sample": False}
-    rollout = GroupRollout(model, tok, renderer, reward, gen_kwargs, 2, PromptStream(rows, 2, seed=0))
-    old = greedy_accuracy(rollout, make_generator(model, tok, gen_kwargs), rows, batch_size=5)
     new = evaluate(model, tok, renderer, reward, rows, k=0, max_new_tokens=3, batch_size=7)
-    for key in ("eval/accuracy", "eval/reward", "eval/response_length"):
-        assert new[key] == pytest.approx(old[key]), key
+    correct, length = 0.0, 0
+    for row in rows:
+        ids = tok(renderer(row), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+        out = out.tolist()
+        if tok.eos_token_id in out:
+            out = out[: out.index(tok.eos_token_id) + 1]
+        length += len(out)
+        scores, _ = reward([tok.decode(out, skip_special_tokens=True)], [row])
+        correct += scores[0]["correct"]
+    assert new["eval/accuracy"] == pytest.approx(correct / len(rows))
+    assert new["eval/response_length"] == pytest.approx(length / len(rows))
     assert not any("pass@" in key for key in new)
 
 
