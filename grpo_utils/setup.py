@@ -113,3 +113,16 @@ def find_resume_checkpoint(resume, run_dir: Path) -> Path | None:
         return resolve_resume(resume, run_dir)
     except FileNotFoundError as e:
         sys.exit(f"error: resume={resume}: {e}")
+
+
+def finish_run(run_dir: Path, logger, steps_done: int, t_start: float, extra: dict) -> None:
+    """Close the metrics, write summary.json and the reward curve, print the summary."""
+    import time
+
+    from grpo_utils.metrics import format_summary, plot_reward_curve, write_summary
+
+    logger.close()
+    summary = write_summary(run_dir, steps_done=steps_done, wall_time_s=time.perf_counter() - t_start, extra=extra)
+    plot = plot_reward_curve(run_dir)
+    print(format_summary(summary))
+    print(f"Run directory: {run_dir}" + (f"  (reward curve: {plot.name})" if plot else ""))

@@ -24,10 +24,10 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacem
 from grpo_utils import checkpoint as ckpt
 from grpo_utils.advantages import assign_advantages
 from grpo_utils.evaluation import evaluate
-from grpo_utils.metrics import MetricsLogger, format_summary, plot_reward_curve, write_summary
+from grpo_utils.metrics import MetricsLogger
 from grpo_utils.models import load_policy, make_reference, resolve_model_path
 from grpo_utils.ray_resources import check_async_options, init_ray, mode_opt, plan_resources, shutdown_ray
-from grpo_utils.setup import load_rows, make_loss, make_renderer, make_reward, start_run
+from grpo_utils.setup import finish_run, load_rows, make_loss, make_renderer, make_reward, start_run
 from grpo_utils.trainer import PolicyTrainer
 
 
@@ -165,11 +165,7 @@ def main(cfg: DictConfig) -> None:
         extra |= {"heldout_accuracy_before": before, "heldout_accuracy_after": after["eval/accuracy"]}
     if state["saved"] != step:
         save(step)
-    logger.close()
-    summary = write_summary(run.run_dir, steps_done=step, wall_time_s=time.perf_counter() - t_start, extra=extra)
-    plot = plot_reward_curve(run.run_dir)
-    print(format_summary(summary))
-    print(f"Run directory: {run.run_dir}" + (f"  (reward curve: {plot.name})" if plot else ""))
+    finish_run(run.run_dir, logger, step, t_start, extra)
 
 
 if __name__ == "__main__":
