@@ -45,11 +45,13 @@ class ConfigError(ValueError):
     """A config value is inconsistent or unknown; the message names the key."""
 
 
-def _check_keys(cfg: DictConfig) -> None:
-    for section, allowed in SCHEMA.items():
+def check_keys(cfg: DictConfig, schema: dict[str, set[str]], optional=lambda section: False) -> None:
+    """Raise :class:`ConfigError` naming the first key not in ``schema`` (section -> allowed keys;
+    "" is the top level). A missing section is an error unless ``optional(section)``."""
+    for section, allowed in schema.items():
         node = OmegaConf.select(cfg, section) if section else cfg
         if node is None:
-            if section in ("wandb",):
+            if optional(section):
                 continue
             raise ConfigError(f"missing config section '{section}'")
         for key in node.keys():
@@ -66,7 +68,7 @@ def _require(ok: bool, msg: str) -> None:
 
 def validate(cfg: DictConfig, mode: str) -> None:
     """Raise :class:`ConfigError` on the first problem found."""
-    _check_keys(cfg)
+    check_keys(cfg, SCHEMA, optional=lambda section: section == "wandb")
     _require(cfg.mode.name == mode,
              f"mode={cfg.mode.name} cannot run with grpo-{mode}.py; use grpo-{cfg.mode.name}.py "
              f"or mode={mode}")

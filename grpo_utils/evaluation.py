@@ -28,7 +28,7 @@ import torch
 from tensordict import TensorDict
 
 from grpo_utils.data import last_boxed_answer
-from grpo_utils.rollout import make_generator, response_mask, stop_token_ids
+from grpo_utils.rollout import left_pad, make_generator, response_mask, stop_token_ids
 
 # ----------------------------------------------------------------------------- estimators
 
@@ -157,13 +157,7 @@ class _Completer:
                 text = self.prompts[i] = self.renderer(rows[i])
                 self._ids[i] = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"],
                                             dtype=torch.long)
-        ids = [self._ids[i] for i in index]
-        width = max(len(seq) for seq in ids)
-        prompt = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for j, seq in enumerate(ids):
-            prompt[j, width - len(seq):] = seq
-            mask[j, width - len(seq):] = 1
+        prompt, mask = left_pad([self._ids[i] for i in index], self.pad_id)
         return prompt.to(self.device), mask.to(self.device)
 
     def complete(self, rows: list[dict[str, Any]], index: list[int], gen_kwargs: dict[str, Any]
@@ -290,21 +284,14 @@ class EvalConfigError(ValueError):
 
 def validate_eval_config(cfg) -> None:
     """Raise :class:`EvalConfigError` (one line naming the key) on the first problem found."""
-    from omegaconf import OmegaConf
 
+    from grpo_utils.config import ConfigError, check_keys
     from grpo_utils.data import DataError, validate_env
 
-    for section, allowed in EVAL_SCHEMA.items():
-        node = OmegaConf.select(cfg, section) if section else cfg
-        if node is None:
-            if section.startswith("env."):
-                continue  # the generated datasets' own sub-sections are optional
-            raise EvalConfigError(f"missing config section '{section}'")
-        for key in node.keys():
-            if key not in allowed:
-                where = f"{section}.{key}" if section else str(key)
-                raise EvalConfigError(f"unknown config key '{where}'; allowed in '{section or 'top level'}': "
-                                      f"{', '.join(sorted(allowed))}")
+    try:  # the generated datasets' own sub-sections (env.*) are optional
+        check_keys(cfg, EVAL_SCHEMA, optional=lambda section: section.startswith("env."))
+    except ConfigError as err:
+        raise EvalConfigError(str(err)) from None
     e, g = cfg.eval, cfg.generation
     checks = [
         (e.split in ("train", "test"), f"eval.split={e.split!r} is unknown; expected train or test"),

@@ -72,6 +72,17 @@ def response_mask(response: torch.Tensor, stop_ids: int | list[int]) -> torch.Te
     return ~after_stop
 
 
+def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[N, W]`` left-padded with ``pad_id`` (as ``generate`` expects), and the mask."""
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, width - len(seq):] = seq
+        mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
 class GroupRollout:
     """Draws prompts from ``stream``, samples ``group_size`` completions for each, scores them."""
 
@@ -103,14 +114,7 @@ class GroupRollout:
                     cached = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
                     self._prompt_cache[text] = cached
                 by_row[id(row)] = cached
-        ids = [by_row[id(row)] for row in rows]
-        width = max(len(seq) for seq in ids)
-        prompt = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, seq in enumerate(ids):
-            prompt[i, width - len(seq):] = seq
-            mask[i, width - len(seq):] = 1
-        return prompt, mask
+        return left_pad([by_row[id(row)] for row in rows], self.pad_token_id)
 
     def data_state(self) -> dict[str, int]:
         """Position of the next prompts this rollout will train on (saved in checkpoints)."""
