@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,18 +184,12 @@ class MetricsLogger:
         shutil.copy2(self.path, backup)
         self.backup_path = backup
         kept: list[str] = []
-        with open(backup, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # e.g. a line cut short by a crash; it stays in the backup
-                step = rec.get("step") if isinstance(rec, dict) else None
-                if step is None or (_is_number(step) and step <= self.start_step):
-                    kept.append(line)
+        for line, rec in _jsonl_lines(backup):
+            if rec is None:
+                continue  # e.g. a line cut short by a crash; it stays in the backup
+            step = rec.get("step") if isinstance(rec, dict) else None
+            if step is None or (_is_number(step) and step <= self.start_step):
+                kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             for line in kept:
@@ -274,6 +268,19 @@ def _metrics_file(run_dir: str | os.PathLike | None, metrics_path) -> Path:
     return Path(run_dir) / METRICS_FILENAME
 
 
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """(stripped line, parsed value or None if unparsable) for each non-blank line."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                yield line, None
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """All records of a metrics JSONL file (or of ``<path>/metrics.jsonl`` for a run dir).
 
@@ -287,18 +294,11 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return []
     out: list[dict] = []
     bad = 0
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
+    for _, rec in _jsonl_lines(p):
+        if rec is None:
+            bad += 1
+        elif isinstance(rec, dict):
+            out.append(rec)
     if bad:
         warnings.warn(f"{p}: skipped {bad} unparsable line(s)", stacklevel=2)
     return out
