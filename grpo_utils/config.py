@@ -13,15 +13,15 @@ from omegaconf import DictConfig, OmegaConf
 from grpo_utils.advantages import check_advantage_config
 from grpo_utils.data import DataError, validate_env
 from grpo_utils.models import DTYPES
+from grpo_utils.ray_resources import ASYNC_DEFAULTS, SYNC_DEFAULTS, check_mode_options
 from grpo_utils.rewards import plan_reward
 
 # Allowed keys per section. ``loss`` is checked by the loss class itself (its constructor).
 SCHEMA: dict[str, set[str]] = {
     "": {"defaults", "mode", "loss", "seed", "resume", "logger", "wandb", "device", "num_threads",
          "model", "env", "rollout", "generation", "reward", "advantage", "train", "checkpoint", "eval"},
-    # The async keys are read by grpo-async.py (grpo_utils/ray_resources.py) with defaults.
-    "mode": {"name", "num_collectors", "collector_cpus", "collector_gpus", "trainer_cpus", "cluster_cpus",
-             "max_staleness", "weight_update_frequency", "buffer_size", "actor_timeout_s"},
+    # Which of these each mode accepts is checked by ray_resources.check_mode_options.
+    "mode": {"name", *SYNC_DEFAULTS, *ASYNC_DEFAULTS},
     "wandb": {"project", "run_name"},
     "model": {"name", "dtype", "gradient_checkpointing"},
     "env": {"dataset", "train_path", "test_path", "prompt_field", "answer_field", "prompt_format",
@@ -72,6 +72,10 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(cfg.mode.name == mode,
              f"mode={cfg.mode.name} cannot run with grpo-{mode}.py; use grpo-{cfg.mode.name}.py "
              f"or mode={mode}")
+    try:
+        check_mode_options(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         plan_reward(cfg.reward)  # the reward validates its own options (one line naming the key)
     except ValueError as e:

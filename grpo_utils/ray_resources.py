@@ -1,32 +1,50 @@
-"""Ray resource planning for the async recipe: what the config asks for, whether the machine has
+"""Ray resource planning for the Ray modes (async, and sync with mode.ray=true): what the config asks for, whether the machine has
 it, and a local Ray cluster sized to exactly that (so nothing waits forever for a CPU on 2 cores)."""
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-# Async-only keys of ``mode`` and their defaults (read with OmegaConf.select, so sync configs
-# need none of them).
-ASYNC_DEFAULTS = {
-    "num_collectors": 1,         # collector actors, each with its own copy of the policy
+# The Ray keys of ``mode`` and their defaults, per mode (read with OmegaConf.select, so a
+# config that leaves one out gets the default).
+SHARED_DEFAULTS = {
     "collector_cpus": 1,         # Ray CPUs reserved per collector actor
     "collector_gpus": 0,         # Ray GPUs per collector actor (0: it generates on CPU)
     "trainer_cpus": 1,           # cores kept for the trainer (the driver process)
     "cluster_cpus": None,        # CPUs the machine offers; null: os.cpu_count()
+    "actor_timeout_s": 120.0,    # longest wait on any actor/queue call before the run stops
+    "weight_sync": "object_store",  # how weights reach the collectors: object_store | collective
+}
+SYNC_DEFAULTS = {
+    "ray": False,                # true: generate in a Ray collector actor with its own copy of the policy
+    "sync_iter": True,           # true: policy age 0; false: next batch generated while training (age <= 1)
+    **SHARED_DEFAULTS,
+}
+ASYNC_DEFAULTS = {
+    "num_collectors": 1,         # collector actors, each with its own copy of the policy
+    **SHARED_DEFAULTS,
     "max_staleness": 1,          # drop samples generated more than this many policy versions ago
     "weight_update_frequency": 1,  # push weights to the collectors every N optimizer steps
     "buffer_size": 2,            # rollout batches the queue holds before collectors block
-    "actor_timeout_s": 120.0,    # longest wait on any actor/queue call before the run stops
 }
+MODE_DEFAULTS = {"sync": SYNC_DEFAULTS, "async": ASYNC_DEFAULTS}
+WEIGHT_SYNCS = ("object_store", "collective")
 
 
 def mode_opt(cfg: DictConfig, key: str):
-    return OmegaConf.select(cfg, f"mode.{key}", default=ASYNC_DEFAULTS[key])
+    defaults = MODE_DEFAULTS[cfg.mode.name]
+    return OmegaConf.select(cfg, f"mode.{key}", default=defaults.get(key, ASYNC_DEFAULTS.get(key)))
+
+
+def uses_ray(cfg: DictConfig) -> bool:
+    return cfg.mode.name == "async" or bool(mode_opt(cfg, "ray"))
 
 
 @dataclass
@@ -38,6 +56,7 @@ class ResourcePlan:
     num_collectors: int
     trainer_cpus: int
     trainer_gpus: int
+    trainer_device_index: int = 0
 
     @property
     def ray_cpus(self) -> float:
@@ -53,8 +72,19 @@ class ResourcePlan:
         return max(1, self.trainer_cpus)
 
 
-def check_async_options(cfg: DictConfig) -> None:
-    """Raise ``ValueError`` (one line naming the key) on a bad async setting."""
+def check_mode_options(cfg: DictConfig) -> None:
+    """Raise ``ValueError`` (one line naming the key) on a bad or misplaced Ray/async setting."""
+    name = cfg.mode.name
+    allowed = {"name", *MODE_DEFAULTS[name]}
+    for key in cfg.mode:
+        if key not in allowed:
+            other = "async" if name == "sync" else "sync"
+            where = f"; it is a mode={other} setting" if key in MODE_DEFAULTS[other] else ""
+            raise ValueError(f"mode.{key} is not a mode={name} setting{where}; allowed: {', '.join(sorted(allowed))}")
+    if name == "sync":
+        for key in ("ray", "sync_iter"):
+            if not isinstance(mode_opt(cfg, key), bool):
+                raise ValueError(f"mode.{key}={mode_opt(cfg, key)!r} must be true or false")
     n = mode_opt(cfg, "num_collectors")
     checks = [
         (isinstance(n, int) and n >= 1, f"mode.num_collectors={n} must be an integer >= 1"),
@@ -66,10 +96,15 @@ def check_async_options(cfg: DictConfig) -> None:
          f"mode.weight_update_frequency={mode_opt(cfg, 'weight_update_frequency')} must be >= 1"),
         (mode_opt(cfg, "buffer_size") >= 1, f"mode.buffer_size={mode_opt(cfg, 'buffer_size')} must be >= 1"),
         (mode_opt(cfg, "actor_timeout_s") > 0, f"mode.actor_timeout_s={mode_opt(cfg, 'actor_timeout_s')} must be > 0"),
+        (mode_opt(cfg, "weight_sync") in WEIGHT_SYNCS,
+         f"mode.weight_sync={mode_opt(cfg, 'weight_sync')!r} is unknown; expected one of {', '.join(WEIGHT_SYNCS)}"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    if uses_ray(cfg) and cfg.rollout.engine != "direct":
+        raise ValueError(f"rollout.engine={cfg.rollout.engine} cannot run in Ray collector actors; "
+                         "use rollout.engine=direct")
 
 
 def plan_resources(cfg: DictConfig, trainer_device: torch.device,
@@ -81,6 +116,7 @@ def plan_resources(cfg: DictConfig, trainer_device: torch.device,
                         collector_cpus=float(mode_opt(cfg, "collector_cpus")),
                         collector_gpus=float(mode_opt(cfg, "collector_gpus")),
                         num_collectors=int(mode_opt(cfg, "num_collectors")),
+                        trainer_device_index=trainer_device.index or 0,
                         trainer_cpus=int(mode_opt(cfg, "trainer_cpus")),
                         trainer_gpus=int(trainer_device.type == "cuda"))
     need_cpus = plan.ray_cpus + plan.trainer_cpus
@@ -103,8 +139,22 @@ def init_ray(plan: ResourcePlan) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if plan.ray_gpus and plan.trainer_gpus:
+        # Ray hands out GPU ids from CUDA_VISIBLE_DEVICES: hide the trainer's so no collector shares it.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(collector_gpu_ids(plan.trainer_device_index,
+                                                                        plan.cluster_gpus))
     ray.init(address="local", num_cpus=math.ceil(plan.ray_cpus), num_gpus=math.ceil(plan.ray_gpus),
              include_dashboard=False, logging_level="WARNING", log_to_driver=True, configure_logging=True)
+    # SIGTERM (a scheduler's stop) unwinds like Ctrl-C: checkpoint, kill the actors, stop Ray.
+    # Installed after ray.init, which sets its own handler.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("error: terminated (SIGTERM)"))
+
+
+def collector_gpu_ids(trainer_index: int, total: int) -> list[str]:
+    """The GPUs Ray may give collectors: all but the trainer's (as listed by CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [i.strip() for i in visible.split(",") if i.strip()] if visible else [str(i) for i in range(total)]
+    return [gpu for i, gpu in enumerate(ids) if i != trainer_index]
 
 
 def shutdown_ray(actors: list) -> None:

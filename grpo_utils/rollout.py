@@ -101,6 +101,7 @@ class GroupRollout:
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self.policy_version = 0
 
     def encode_prompts(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and mask; each distinct prompt is rendered and tokenized once."""
@@ -155,9 +156,18 @@ class GroupRollout:
             part["rollout_log_probs"] = self.last_rollout_log_probs.float()
         return part
 
-    def collect(self, policy_version: int = 0,
-                shaping: RolloutShaping | None = None) -> tuple[TensorDict, dict[str, float]]:
-        """One step's batch of ``num_prompts * group_size`` scored samples, groups contiguous.
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        """The generator shares the training module, so new weights are already in place; only
+        the version that tags the next samples changes."""
+        self.policy_version = version
+
+    def close(self) -> None:
+        """Nothing to release (the Ray rollout shuts its actors down here)."""
+
+    def collect(self, shaping: RolloutShaping | None = None,
+                policy_version: int | None = None) -> tuple[TensorDict, dict[str, float]]:
+        """One step's batch of ``num_prompts * group_size`` scored samples, groups contiguous,
+        tagged with ``policy_version`` (default: the version set by :meth:`sync_weights`).
 
         With ``shaping.dynamic_sampling`` (DAPO), groups whose rewards are all equal are dropped
         and more groups are generated (at most ``max_resample_rounds`` extra rounds) to refill
@@ -167,6 +177,7 @@ class GroupRollout:
         reference log-probs exist for a KL-in-reward penalty.
         """
         shaping = shaping or RolloutShaping()
+        policy_version = self.policy_version if policy_version is None else policy_version
         G, t0 = self.group_size, time.perf_counter()
         part = self._sample_scored()
         num_groups = len(part["rows"]) // G

@@ -90,11 +90,18 @@ def make_renderer(env_cfg: DictConfig, tokenizer, sample_row: dict) -> PromptRen
 
 
 def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
-                 stream: PromptStream, keep_rollout_log_probs: bool = False) -> GroupRollout:
+                 stream: PromptStream, keep_rollout_log_probs: bool = False, device: torch.device | None = None):
     """``rollout.engine=direct`` (one batched TransformersWrapper call) or ``collector``
-    (TorchRL's LLMCollector over a DatasetChatEnv); both yield the same batches."""
+    (TorchRL's LLMCollector over a DatasetChatEnv); both yield the same batches. With
+    ``mode.ray=true`` the direct engine runs in a Ray collector actor instead (:class:`RayRollout`)."""
+    from grpo_utils.ray_resources import mode_opt
     from grpo_utils.rollout import generation_kwargs
 
+    if mode_opt(cfg, "ray"):
+        from grpo_utils.ray_collector import RayRollout
+
+        return RayRollout(start_collectors(cfg, device or torch.device("cpu"), streaming=False),
+                          sync_iter=mode_opt(cfg, "sync_iter"))
     if cfg.rollout.engine == "collector":
         from grpo_utils.collector_rollout import CollectorRollout
 
@@ -102,6 +109,52 @@ def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, re
                                 cfg.env.group_size, stream)
     return GroupRollout(model, tokenizer, renderer, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size,
                         stream, keep_rollout_log_probs=keep_rollout_log_probs)
+
+
+def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, model_path: str | None = None,
+                     start_states: dict[int, dict] | None = None):
+    """Plan the resources, start a local Ray cluster sized to the plan and the collector actors
+    (built from ``model_path``, default ``model.name``). Exits with one line if the machine is short
+    or an actor cannot start; the returned pool's ``close()`` stops everything it started."""
+    from grpo_utils.models import resolve_model_path
+    from grpo_utils.ray_collector import CollectorFailed, CollectorPool
+    from grpo_utils.ray_resources import init_ray, mode_opt, plan_resources, shutdown_ray
+    from grpo_utils.weight_sync import make_weight_sync
+
+    try:
+        plan = plan_resources(cfg, device)
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
+    if not cfg.num_threads:
+        torch.set_num_threads(plan.trainer_threads)  # leave the collectors' cores to them
+    actor_cfg = OmegaConf.to_container(cfg, resolve=True)
+    # builtin:quickstart is built once, here, not in every actor.
+    actor_cfg["model"]["name"] = model_path or resolve_model_path(cfg.model.name)
+    init_ray(plan)
+    try:
+        sync = make_weight_sync(mode_opt(cfg, "weight_sync"), num_receivers=plan.num_collectors, device=device)
+        return CollectorPool(actor_cfg, plan, sync, float(mode_opt(cfg, "actor_timeout_s")), streaming=streaming,
+                             buffer_size=mode_opt(cfg, "buffer_size"), start_states=start_states)
+    except CollectorFailed as e:
+        shutdown_ray([])
+        sys.exit(f"error: {e}")
+    except BaseException:
+        shutdown_ray([])
+        raise
+
+
+def stop_run(error: BaseException, save_now, logger) -> None:
+    """Called from an ``except`` block: checkpoint the current step (``save_now`` returns the last
+    saved step), close the metrics, then exit with one line for a dead collector, or re-raise
+    anything else (Ctrl-C and SIGTERM included)."""
+    from grpo_utils.ray_collector import CollectorFailed
+
+    saved = save_now()
+    logger.close()
+    if isinstance(error, CollectorFailed):
+        where = f"; last checkpoint: step {saved}" if saved else ""
+        sys.exit(f"error: {error}{where}")
+    raise error
 
 
 def find_resume_checkpoint(resume, run_dir: Path) -> Path | None:

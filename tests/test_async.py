@@ -101,7 +101,7 @@ def test_max_staleness_zero_trains_only_fresh_samples(env, tiny_dir, tmp_path):
 def test_dead_collector_stops_the_run_with_a_clear_message(env, tiny_dir, tmp_path):
     run_dir = tmp_path / "dead"
     t0 = time.monotonic()
-    proc = run_async({**env, "GRPO_ASYNC_TEST_COLLECTOR_DIES_AFTER": "2"},
+    proc = run_async({**env, "GRPO_TEST_COLLECTOR_DIES_AFTER": "2"},
                      *tiny_overrides(tiny_dir, run_dir, "train.max_steps=200", "eval.before_after=false",
                                      "mode.max_staleness=5"), check=False, timeout=90)
     assert proc.returncode != 0
@@ -136,7 +136,7 @@ def _async_cfg(**mode):
 def test_resource_plan_fits_two_cores_and_names_what_is_short():
     import torch
 
-    from grpo_utils.ray_resources import check_async_options, plan_resources
+    from grpo_utils.ray_resources import check_mode_options, plan_resources
 
     plan = plan_resources(_async_cfg(cluster_cpus=2), torch.device("cpu"), available_gpus=0)
     assert (plan.ray_cpus, plan.ray_gpus, plan.trainer_threads) == (1, 0, 1)
@@ -145,15 +145,127 @@ def test_resource_plan_fits_two_cores_and_names_what_is_short():
     with pytest.raises(ValueError, match=r"not enough GPUs: .*short by 2"):
         plan_resources(_async_cfg(cluster_cpus=8, collector_gpus=1), torch.device("cuda"), available_gpus=0)
     with pytest.raises(ValueError, match=r"mode.max_staleness=-1 must be >= 0"):
-        check_async_options(_async_cfg(max_staleness=-1))
-    check_async_options(_async_cfg())  # the defaults are valid
+        check_mode_options(_async_cfg(max_staleness=-1))
+    check_mode_options(_async_cfg())  # the defaults are valid
 
 
-def test_sync_configs_need_no_async_keys():
-    """The async keys are optional: the shipped sync mode file has only ``name``."""
+def test_mode_files_list_exactly_their_keys():
+    """Every key a mode accepts is in its shipped file (documented), and nothing else."""
     from omegaconf import OmegaConf
 
-    assert set(OmegaConf.load(REPO / "config" / "mode" / "sync.yaml")) == {"name"}
-    from grpo_utils.ray_resources import ASYNC_DEFAULTS
+    from grpo_utils.ray_resources import ASYNC_DEFAULTS, SYNC_DEFAULTS
 
+    assert set(OmegaConf.load(REPO / "config" / "mode" / "sync.yaml")) == {"name", *SYNC_DEFAULTS}
     assert set(OmegaConf.load(REPO / "config" / "mode" / "async.yaml")) == {"name", *ASYNC_DEFAULTS}
+
+
+def test_mode_options_name_the_misplaced_key():
+    from omegaconf import OmegaConf
+
+    from grpo_utils.ray_resources import check_mode_options
+
+    def cfg(name, **mode):
+        return OmegaConf.create({"mode": {"name": name, **mode}, "rollout": {"engine": "direct"}})
+
+    with pytest.raises(ValueError, match=r"^mode.max_staleness is not a mode=sync setting; it is a mode=async"):
+        check_mode_options(cfg("sync", max_staleness=0))
+    with pytest.raises(ValueError, match=r"^mode.sync_iter is not a mode=async setting; it is a mode=sync"):
+        check_mode_options(cfg("async", sync_iter=True))
+    with pytest.raises(ValueError, match=r"^mode.ray='yes' must be true or false"):
+        check_mode_options(cfg("sync", ray="yes"))
+    with pytest.raises(ValueError, match=r"^mode.weight_sync='nccl' is unknown; expected one of object_store, "):
+        check_mode_options(cfg("async", weight_sync="nccl"))
+    bad_engine = OmegaConf.merge(cfg("sync", ray=True), {"rollout": {"engine": "collector"}})
+    with pytest.raises(ValueError, match=r"^rollout.engine=collector cannot run in Ray collector actors"):
+        check_mode_options(bad_engine)
+    check_mode_options(cfg("sync"))  # the defaults are valid
+
+
+def test_collectors_never_get_the_trainer_gpu(monkeypatch):
+    from grpo_utils.ray_resources import collector_gpu_ids
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert collector_gpu_ids(0, 4) == ["1", "2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert collector_gpu_ids(1, 3) == ["4", "6"]
+
+
+# ---- sync on Ray (grpo-sync.py mode.ray=true) ---------------------------------------------------
+
+def sync_ray_overrides(tiny_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [o for o in tiny_overrides(tiny_dir, run_dir, "mode.ray=true", *extra) if o != "mode=async"]
+
+
+def test_sync_on_ray_sync_iter_trains_only_fresh_samples(env, tiny_dir, tmp_path):
+    run_dir = tmp_path / "sync_ray"
+    run_async(env, *sync_ray_overrides(tiny_dir, run_dir, "train.max_steps=6", "eval.before_after=false"),
+              recipe=SYNC_RECIPE)
+    train = train_lines(run_dir)
+    assert [r["step"] for r in train] == list(range(1, 7))
+    assert all(r["staleness/max"] == 0 and r["staleness/mean"] == 0 for r in train)
+    # Two optimizer steps per batch (8 samples, 4 per step), one weight push per batch.
+    assert [r["policy_version"] for r in train] == [0, 0, 1, 1, 2, 2]
+
+
+def test_sync_on_ray_without_sync_iter_trains_one_version_behind(env, tiny_dir, tmp_path):
+    run_dir = tmp_path / "sync_ray_overlap"
+    run_async(env, *sync_ray_overrides(tiny_dir, run_dir, "train.max_steps=6", "eval.before_after=false",
+                                       "mode.sync_iter=false"), recipe=SYNC_RECIPE)
+    train = train_lines(run_dir)
+    # The first batch is made before any update; each later one while training on the one before.
+    assert [r["staleness/max"] for r in train] == [0, 0, 1, 1, 1, 1]
+
+
+def test_sync_on_ray_resume_equals_uninterrupted_run(env, tiny_dir, tmp_path):
+    common = ("train.max_steps=4", "eval.before_after=false", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null")
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_async(env, *sync_ray_overrides(tiny_dir, full, *common), recipe=SYNC_RECIPE)
+    run_async(env, *sync_ray_overrides(tiny_dir, part, *common[1:], "train.max_steps=2"), recipe=SYNC_RECIPE)
+    run_async(env, *sync_ray_overrides(tiny_dir, part, *common, "resume=true"), recipe=SYNC_RECIPE)
+    a, b = train_lines(full), train_lines(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("reward/mean", "loss", "policy_version", "response_length/mean"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key
+
+
+def test_sync_on_ray_dead_collector_stops_the_run(env, tiny_dir, tmp_path):
+    run_dir = tmp_path / "sync_dead"
+    t0 = time.monotonic()
+    proc = run_async({**env, "GRPO_TEST_COLLECTOR_DIES_AFTER": "2"},
+                     *sync_ray_overrides(tiny_dir, run_dir, "train.max_steps=50", "eval.before_after=false"),
+                     recipe=SYNC_RECIPE, check=False, timeout=90)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: collector actor died during collect a batch"), proc.stderr[-2000:]
+    # Both batches were trained on (2 steps each) and the step reached is checkpointed.
+    assert last.endswith("last checkpoint: step 4"), last
+    assert (run_dir / "checkpoints" / "step_4" / "trainer_state.pt").is_file()
+
+
+# ---- async: several collectors, resume -----------------------------------------------------------
+
+def test_two_collectors_both_feed_the_trainer(env, tiny_dir, tmp_path):
+    run_dir = tmp_path / "two"
+    run_async(env, *tiny_overrides(tiny_dir, run_dir, "train.max_steps=12", "eval.before_after=false",
+                                   "mode.num_collectors=2", "mode.collector_cpus=0.5", "mode.max_staleness=2"))
+    train = train_lines(run_dir)
+    assert {r["collector"] for r in train} == {0, 1}
+    assert all(r["staleness/max"] <= 2 for r in train)
+
+
+def test_async_resume_continues_steps_versions_and_prompt_streams(env, tiny_dir, tmp_path):
+    import torch
+
+    run_dir = tmp_path / "resume"
+    common = ("eval.before_after=false", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null")
+    run_async(env, *tiny_overrides(tiny_dir, run_dir, *common, "train.max_steps=4"))
+    first = torch.load(run_dir / "checkpoints" / "step_4" / "trainer_state.pt", weights_only=False)
+    run_async(env, *tiny_overrides(tiny_dir, run_dir, *common, "train.max_steps=8", "resume=true"))
+    train = train_lines(run_dir)
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all(r["policy_version"] >= first["policy_version"] for r in train[4:])
+    last = torch.load(run_dir / "checkpoints" / "step_8" / "trainer_state.pt", weights_only=False)
+    assert last["policy_version"] > first["policy_version"]
+    # The collector's prompt stream went on from where the trainer had consumed it.
+    pos = lambda s: (s["collectors"][0]["prompts"]["epoch"], s["collectors"][0]["prompts"]["position"])  # noqa: E731
+    assert pos(last) > pos(first)

@@ -1,0 +1,348 @@
+"""Ray collector actors: each builds its own copy of the policy from the model path, generates
+scored groups with it, applies the group advantage, and hands the batch to the trainer.
+
+Two ways to drive them:
+
+* ``grpo-async.py``: :class:`CollectorPool` with ``streaming=True``: every actor generates
+  continuously into a bounded queue; the trainer pulls, drops stale batches, pushes weights.
+* ``grpo-sync.py mode.ray=true``: :class:`RayRollout` asks the one actor for a batch made with a
+  given policy version (``sync_iter=true``: the newest, age 0) or keeps one request in flight
+  while the trainer trains (``sync_iter=false``: age at most 1).
+
+Every batch carries the policy version that generated it and its behaviour log-probs
+(``old_log_probs``), computed in the actor with the very weights that sampled, so the importance
+ratio of a stale sample is taken against the right policy. With it comes the actor's prompt-stream
+position and RNG state after that batch, which checkpoints store so a resumed run neither repeats
+nor skips prompts.
+
+We use a ``ray.util.queue.Queue`` rather than TorchRL's ``RayReplayBuffer``: batches must be
+consumed once each, in order per actor, and a full buffer must block the writers (backpressure
+bounds staleness); a replay buffer samples with replacement and overwrites when full.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import ray
+import torch
+from omegaconf import OmegaConf
+from ray.util.queue import Empty, Full
+from tensordict import TensorDict
+
+# Test hook: a collector exits (as a crash would) once it has produced this many batches.
+DIE_AFTER_ENV = "GRPO_TEST_COLLECTOR_DIES_AFTER"
+
+
+class CollectorFailed(RuntimeError):
+    """A collector actor died or stopped answering; the message says which and why."""
+
+
+def payload_to_batch(payload: dict[str, Any]) -> TensorDict:
+    return TensorDict(dict(payload["tensors"]), batch_size=[payload["size"]])
+
+
+def sample_ages(policy_version: torch.Tensor, current_version: int) -> torch.Tensor:
+    """Policy age of each sample: how many weight pushes happened since it was generated."""
+    return current_version - policy_version.long()
+
+
+def staleness_stats(ages: torch.Tensor) -> dict[str, float]:
+    return {"staleness/mean": ages.float().mean().item(), "staleness/max": int(ages.max())}
+
+
+@torch.no_grad()
+def behaviour_log_probs(model, batch: TensorDict, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    """Exact log-probs of the sampled response tokens under ``model`` (the weights that sampled)."""
+    from grpo_utils.logprobs import response_log_probs
+
+    was_training = model.training
+    model.eval()
+    out = []
+    for mb in batch.split(micro_batch_size):
+        start = mb["input_ids"].shape[1] - mb["response_mask"].shape[1]
+        out.append(response_log_probs(model, mb["input_ids"], mb["attention_mask"], start, temperature)[0])
+    model.train(was_training)
+    return torch.cat(out)
+
+
+class RolloutWorker:
+    """Body of a collector actor (wrapped with ``ray.remote`` by :func:`make_collector_class`).
+
+    Threaded (two concurrent calls): ``update_weights`` may arrive while a batch is being
+    generated; the new weights are swapped in only between batches.
+    """
+
+    def __init__(self, cfg: dict, worker_index: int, receiver, queue=None, start: dict | None = None):
+        import tensordict
+
+        tensordict.set_list_to_stack(True).set()
+        from grpo_utils.advantages import assign_advantages
+        from grpo_utils.config import seed_everything
+        from grpo_utils.data import PromptStream, load_split, renderer_from_config
+        from grpo_utils.losses import build_loss
+        from grpo_utils.models import load_policy
+        from grpo_utils.rewards import build_reward
+        from grpo_utils.rollout import GroupRollout, generation_kwargs
+
+        cfg = OmegaConf.create(cfg)
+        torch.set_num_threads(max(1, int(cfg.mode.get("collector_cpus", 1))))
+        seed = cfg.seed + 1000 * (worker_index + 1)
+        seed_everything(seed)
+        use_gpu = cfg.mode.get("collector_gpus", 0) and torch.cuda.is_available()
+        self.model, tokenizer, _ = load_policy(cfg.model, torch.device("cuda" if use_gpu else "cpu"))
+        self.model.eval()
+        loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
+        target = loss_cfg.pop("_target_", None)
+        if target:
+            import hydra
+
+            self.loss_fn = hydra.utils.get_class(target)(**loss_cfg)
+        else:
+            self.loss_fn = build_loss(loss_cfg)
+        self.cfg = cfg
+        self.assign_advantages = assign_advantages
+        # Each collector walks its own seeded permutation of the training rows.
+        self.stream = PromptStream(load_split(cfg.env, "train"), cfg.env.num_prompts, seed=seed,
+                                   shuffle=cfg.env.shuffle)
+        self.rollout = GroupRollout(self.model, tokenizer, renderer_from_config(cfg.env, tokenizer),
+                                    build_reward(cfg.reward), generation_kwargs(cfg.generation), cfg.env.group_size,
+                                    self.stream, keep_rollout_log_probs=self.loss_fn.needs_rollout_log_probs)
+        self.micro_batch_size = cfg.train.optim_batch_size // cfg.train.grad_accum_steps
+        self.timeout_s = float(cfg.mode.get("actor_timeout_s", 120.0))
+        self.worker_index = worker_index
+        self.receiver = receiver
+        self.queue = queue
+        self.die_after = int(os.environ.get(DIE_AFTER_ENV, "0") or 0)
+        self.batches = 0
+        self.version = 0
+        self._cond = threading.Condition()
+        self._pending: tuple[int, dict] | None = None
+        self._stop = False
+        if start:
+            self.load_state(start)
+
+    def ready(self) -> int:
+        return self.worker_index
+
+    def connect_weight_sync(self) -> None:
+        self.receiver.connect(self.model)
+
+    def load_state(self, state: dict) -> None:
+        """Continue from a checkpointed position: prompt stream, RNGs and policy version."""
+        from grpo_utils.checkpoint import restore_rng_state
+
+        self.stream.load_state_dict(state["prompts"])
+        restore_rng_state(state["rng"])
+        self.version = int(state["version"])
+
+    def update_weights(self, payload, version: int) -> None:
+        state = self.receiver.receive(payload)
+        with self._cond:
+            self._pending = (version, state)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _apply_pending(self, min_version: int) -> None:
+        """Load the newest received weights; wait (bounded) until they are at least ``min_version``."""
+        deadline = time.monotonic() + self.timeout_s
+        with self._cond:
+            while max(self.version, self._pending[0] if self._pending else -1) < min_version:
+                if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"collector {self.worker_index}: weights of policy version {min_version} "
+                                       f"did not arrive within {self.timeout_s:g}s")
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            version, state = pending
+            self.model.load_state_dict(state)
+            self.version = version
+
+    def collect_batch(self, min_version: int = 0) -> dict[str, Any]:
+        """One scored batch from weights of at least ``min_version``, as a picklable payload."""
+        from grpo_utils.checkpoint import capture_rng_state
+
+        if self.die_after and self.batches >= self.die_after:
+            os._exit(1)  # simulates a crash (test hook)
+        self._apply_pending(min_version)
+        batch, stats = self.rollout.collect(policy_version=self.version, shaping=self.loss_fn.rollout_shaping)
+        batch["old_log_probs"] = behaviour_log_probs(self.model, batch, self.cfg.generation.temperature,
+                                                     self.micro_batch_size)
+        if "rollout_log_probs" in batch.keys():
+            # TorchRL's wrapper reports 0 for the first sampled token: use the exact value there.
+            batch["rollout_log_probs"][:, 0] = batch["old_log_probs"][:, 0]
+        if not self.loss_fn.kl_in_reward:  # a KL-in-reward penalty needs the trainer's reference model
+            adv = self.cfg.advantage
+            stats |= self.assign_advantages(batch, self.loss_fn, adv.estimator, adv.scale, adv.eps,
+                                            self.cfg.env.group_size)
+        self.batches += 1
+        return {"tensors": {k: v.detach().cpu() for k, v in batch.items()}, "size": batch.batch_size[0],
+                "stats": stats, "worker": self.worker_index,
+                "state": {"prompts": self.stream.state_dict(), "rng": capture_rng_state(), "version": self.version}}
+
+    def run(self) -> int:
+        """Generate into the queue until stopped; returns the number of batches pushed."""
+        while not self._stop:
+            payload = self.collect_batch()
+            deadline = time.monotonic() + self.timeout_s
+            while not self._stop:
+                try:
+                    # The queue actor itself enforces the 1 s timeout; the ray.get bound is a backstop.
+                    ray.get(self.queue.actor.put.remote(payload, 1.0), timeout=30)
+                    break
+                except (Full, ray.exceptions.GetTimeoutError):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"collector {self.worker_index}: queue full for "
+                                           f"{self.timeout_s:g}s (trainer not pulling)") from None
+        return self.batches
+
+
+def make_collector_class(num_cpus: float, num_gpus: float):
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=2, max_restarts=0)(RolloutWorker)
+
+
+class CollectorPool:
+    """The collector actors, the bounded queue they fill (streaming), and the weight pushes."""
+
+    def __init__(self, cfg: dict, plan, weight_sync, timeout_s: float, streaming: bool, buffer_size: int = 1,
+                 start_states: dict[int, dict] | None = None):
+        from ray.util.queue import Queue
+
+        self.timeout_s = timeout_s
+        self.weight_sync = weight_sync
+        self.queue = Queue(maxsize=buffer_size, actor_options={"num_cpus": 0}) if streaming else None
+        cls = make_collector_class(plan.collector_cpus, plan.collector_gpus)
+        start_states = start_states or {}
+        self.actors = [cls.remote(cfg, i, weight_sync.receiver(i), self.queue, start_states.get(i))
+                       for i in range(plan.num_collectors)]
+        self._get(*(a.ready.remote() for a in self.actors), what="start")
+        try:
+            weight_sync.connect(self.actors)
+        except RuntimeError as e:
+            raise CollectorFailed(f"weight sync could not connect: {e}") from None
+        self.runs = {a.run.remote(): i for i, a in enumerate(self.actors)} if streaming else {}
+
+    def all_actors(self) -> list:
+        return [*self.actors, *([self.queue.actor] if self.queue is not None else [])]
+
+    def _get(self, *refs, what: str):
+        try:
+            return ray.get(list(refs), timeout=self.timeout_s)
+        except ray.exceptions.RayActorError as e:
+            raise CollectorFailed(f"collector actor died during {what}: {_first_line(e)}") from None
+        except ray.exceptions.RayTaskError as e:
+            raise CollectorFailed(f"collector actor failed during {what}: {_cause(e)}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise CollectorFailed(f"collector actors did not {what} within mode.actor_timeout_s="
+                                  f"{self.timeout_s:g}s") from None
+
+    def request(self, worker: int, min_version: int):
+        """Start one batch on ``worker`` (on-demand mode); pass the returned ref to :meth:`result`."""
+        return self.actors[worker].collect_batch.remote(min_version)
+
+    def result(self, ref) -> dict[str, Any]:
+        return self._get(ref, what="collect a batch")[0]
+
+    def check_alive(self) -> None:
+        """Raise :class:`CollectorFailed` if any streaming collector's ``run`` has ended."""
+        done, _ = ray.wait(list(self.runs), num_returns=len(self.runs), timeout=0)
+        for ref in done:
+            index = self.runs[ref]
+            try:
+                ray.get(ref, timeout=self.timeout_s)
+                reason = "stopped unexpectedly"
+            except ray.exceptions.RayActorError as e:
+                reason = f"died ({_first_line(e)})"
+            except ray.exceptions.RayTaskError as e:
+                reason = f"failed: {_cause(e)}"
+            raise CollectorFailed(f"collector actor {index} {reason}")
+
+    def get(self) -> tuple[dict[str, Any], int]:
+        """The next streamed payload and the queue size after taking it; polls the collectors'
+        health every second and gives up after ``timeout_s`` without a batch."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            self.check_alive()
+            try:
+                payload = ray.get(self.queue.actor.get.remote(1.0), timeout=self.timeout_s)
+                size = ray.get(self.queue.actor.qsize.remote(), timeout=self.timeout_s)
+                return payload, size
+            except ray.exceptions.RayActorError as e:
+                raise CollectorFailed(f"the rollout queue actor died: {_first_line(e)}") from None
+            except Empty:
+                pass
+            if time.monotonic() > deadline:
+                self.check_alive()
+                raise CollectorFailed(f"no rollout batch within mode.actor_timeout_s={self.timeout_s:g}s")
+
+    def push_weights(self, model: torch.nn.Module, version: int) -> None:
+        try:
+            self.weight_sync.push(model, version, self.actors)
+        except ray.exceptions.RayActorError as e:
+            raise CollectorFailed(f"collector actor died during a weight push: {_first_line(e)}") from None
+        except RuntimeError as e:
+            raise CollectorFailed(f"weight push failed: {e}") from None
+
+    def close(self) -> None:
+        """Tear down the weight sync, kill the actors and the queue, stop the local Ray cluster."""
+        from grpo_utils.ray_resources import shutdown_ray
+
+        try:
+            self.weight_sync.close()
+        finally:
+            shutdown_ray(self.all_actors())
+
+
+class RayRollout:
+    """The sync recipe's rollout with the generator in one Ray actor (``mode.ray=true``).
+
+    Same interface as :class:`grpo_utils.rollout.GroupRollout` (``collect``, ``sync_weights``,
+    ``data_state``/``load_data_state``, ``close``). ``sync_iter=true``: each batch is generated
+    after the last weight push (policy age 0). ``sync_iter=false``: the next batch is generated
+    while the trainer trains on this one, so it comes from the weights one push older (age <= 1).
+    """
+
+    def __init__(self, pool: CollectorPool, sync_iter: bool):
+        self.pool, self.sync_iter = pool, sync_iter
+        self.version = 0
+        self._in_flight = None
+        self._consumed: dict | None = None
+
+    def collect(self, shaping=None) -> tuple[TensorDict, dict[str, float]]:
+        # ``shaping`` is applied inside the actor (it builds the same loss from the config).
+        ref = self._in_flight or self.pool.request(0, self.version)
+        payload = self.pool.result(ref)
+        self._in_flight = None if self.sync_iter else self.pool.request(0, self.version)
+        self._consumed = payload["state"]
+        batch = payload_to_batch(payload)
+        stats = dict(payload["stats"]) | staleness_stats(sample_ages(batch["policy_version"], self.version))
+        return batch, stats
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        self.version = version
+        self.pool.push_weights(model, version)
+
+    def data_state(self) -> dict:
+        """The actor's position after the last batch the trainer took (an in-flight batch is
+        regenerated after a resume, so nothing is skipped)."""
+        return {"collector": self._consumed}
+
+    def load_data_state(self, state: dict) -> None:
+        if state.get("collector") is not None:
+            self.pool._get(self.pool.actors[0].load_state.remote(state["collector"]), what="load its state")
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _cause(e: BaseException) -> str:
+    return _first_line(e.cause if getattr(e, "cause", None) else e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
