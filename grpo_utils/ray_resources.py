@@ -1,5 +1,6 @@
-"""Ray resource planning for the Ray modes (async, and sync with mode.ray=true): what the config asks for, whether the machine has
-it, and a local Ray cluster sized to exactly that (so nothing waits forever for a CPU on 2 cores)."""
+"""Ray resource planning for the Ray modes (async, and sync with ``mode.ray=true``): what the
+config asks for, whether the machine has it, and a local Ray cluster sized to exactly that (so
+nothing waits forever for a CPU on 2 cores)."""
 
 from __future__ import annotations
 
@@ -102,8 +103,9 @@ def check_mode_options(cfg: DictConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-    if uses_ray(cfg) and cfg.rollout.engine != "direct":
-        raise ValueError(f"rollout.engine={cfg.rollout.engine} cannot run in Ray collector actors; "
+    engine = OmegaConf.select(cfg, "rollout.engine", default="direct")
+    if uses_ray(cfg) and engine != "direct":
+        raise ValueError(f"rollout.engine={engine} cannot run in Ray collector actors; "
                          "use rollout.engine=direct")
 
 

@@ -4,9 +4,9 @@
   state dict, shared by every actor. Works everywhere (CPU, GPU, many nodes) and costs one
   serialisation per push plus one copy per actor.
 * :class:`CollectiveWeightSync` (``mode.weight_sync=collective``): a torch.distributed broadcast
-  group (trainer = rank 0, collectors = ranks 1..N; gloo for CPU tensors, NCCL for CUDA). Bytes go
-  straight from the trainer's tensors into receive buffers on the actors, in a handful of
-  bucketed broadcasts, without passing through the object store.
+  group (trainer = rank 0, collectors = ranks 1..N; gloo for CPU tensors, NCCL for CUDA). The
+  weights travel as a handful of byte-bucket broadcasts straight into receive buffers on the
+  actors: no serialisation, no object store, one send per push whatever the number of actors.
 
 Both sides of a strategy meet through three actor methods that the collector implements:
 ``connect_weight_sync()`` (calls :meth:`WeightReceiver.connect`), ``update_weights(payload,
@@ -34,10 +34,20 @@ DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_BUCKET_BYTES = 64 << 20
 # Byte offsets inside a bucket are rounded up to this, so every slice can be viewed as any dtype.
 _ALIGN = 16
+# After a failed broadcast, how long to wait for the collectors' own errors (the likely cause).
+_GRACE_S = 5.0
 
 
 class WeightSyncError(RuntimeError):
     """A weight sync could not connect or deliver; the message says which side and why."""
+
+
+class CollectorDiedError(WeightSyncError):
+    """A collector actor died during a weight-sync call."""
+
+
+class WeightSyncTimeout(WeightSyncError):
+    """Collectors did not finish a weight-sync call within the timeout."""
 
 
 class WeightReceiver(abc.ABC):
@@ -72,14 +82,17 @@ class WeightSync(abc.ABC):
         """Release the channel (idempotent)."""
 
 
-def make_weight_sync(kind: str, *, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+def make_weight_sync(kind: str, *, num_receivers: int | None = None, device: torch.device | str | None = None,
+                     backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                      bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> WeightSync:
-    """The strategy named by ``mode.weight_sync``; the keyword arguments only concern ``collective``."""
+    """The strategy named by ``mode.weight_sync``. ``device`` is where the trainer's weights live;
+    it and the other keyword arguments only concern ``collective`` (see :class:`CollectiveWeightSync`)."""
     if kind == "object_store":
         return ObjectStoreWeightSync()
     if kind == "collective":
-        return CollectiveWeightSync(backend=backend, timeout_s=timeout_s, bucket_bytes=bucket_bytes)
-    raise ValueError(f"mode.weight_sync={kind!r} is not one of: {', '.join(WEIGHT_SYNC_KINDS)}")
+        return CollectiveWeightSync(backend=backend, device=device, num_receivers=num_receivers, timeout_s=timeout_s,
+                                    bucket_bytes=bucket_bytes)
+    raise ValueError(f"mode.weight_sync={kind!r} is unknown; expected one of {', '.join(WEIGHT_SYNC_KINDS)}")
 
 
 # --------------------------------------------------------------------------- object store
@@ -213,7 +226,7 @@ def _check_group(group, device: torch.device, world_size: int) -> None:
     group.allreduce(probe).wait()
     if int(probe.item()) != world_size:
         raise WeightSyncError(f"collective weight sync: group check summed to {int(probe.item())}, "
-                           f"expected {world_size}")
+                              f"expected {world_size}")
 
 
 def _failed(ref) -> BaseException | None:
@@ -227,6 +240,23 @@ def _failed(ref) -> BaseException | None:
     except Exception as e:  # RayTaskError / RayActorError
         return e
     return None
+
+
+def _describe_device(device: torch.device | None) -> str:
+    """``cpu``, or ``cuda:<GPU uuid>`` (``cuda:?`` when torch cannot tell), published at rendezvous."""
+    if device is None or device.type != "cuda":
+        return "cpu"
+    uuid_ = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return f"cuda:{uuid_}" if uuid_ is not None else "cuda:?"
+
+
+def _choose_backend(requested: str | None, devices: list[str]) -> str:
+    """NCCL only when every rank (trainer first) holds its weights on its own, identifiable GPU;
+    NCCL refuses two ranks on one GPU (a colocated trainer and collector), gloo works everywhere."""
+    if requested is not None:
+        return requested
+    gpus = [d for d in devices if d.startswith("cuda:") and d != "cuda:?"]
+    return "nccl" if len(gpus) == len(devices) and len(set(gpus)) == len(gpus) else "gloo"
 
 
 def _first_line(e: BaseException) -> str:
@@ -255,13 +285,12 @@ class CollectiveReceiver(WeightReceiver):
     the next receive, so a later push never overwrites weights that are still waiting to be loaded.
     """
 
-    def __init__(self, master_addr: str, master_port: int, prefix: str, rank: int, backend: str,
-                 timeout_s: float, bucket_bytes: int):
+    def __init__(self, master_addr: str, master_port: int, prefix: str, rank: int, timeout_s: float,
+                 bucket_bytes: int):
         self.master_addr = master_addr
         self.master_port = master_port
         self.prefix = prefix
         self.rank = rank
-        self.backend = backend
         self.timeout_s = timeout_s
         self.bucket_bytes = bucket_bytes
         self._reset()
@@ -269,6 +298,7 @@ class CollectiveReceiver(WeightReceiver):
     def _reset(self) -> None:
         self._store = None
         self._group = None
+        self.backend: str | None = None
         self._device = torch.device("cpu")
         self._slots: list[_Slot] = []
         self._sizes: list[int] = []
@@ -281,29 +311,33 @@ class CollectiveReceiver(WeightReceiver):
         return state
 
     def connect(self, model: torch.nn.Module) -> None:
+        """Publish this rank's device, learn the backend the trainer chose, join the group."""
         if self._group is not None:
             return
         state = model.state_dict()
-        if self.backend == "nccl":
-            devices = {v.device for v in state.values()}
-            if len(devices) != 1 or next(iter(devices)).type != "cuda":
-                raise RuntimeError(f"collective weight sync: backend 'nccl' needs the collector's model on one "
-                                   f"CUDA device (found {sorted(map(str, devices))}); use backend 'gloo'")
-            self._device = next(iter(devices))
+        devices = {v.device for v in state.values()}
+        model_device = next(iter(devices)) if len(devices) == 1 else None
         timeout = timedelta(seconds=self.timeout_s)
         store = dist.TCPStore(self.master_addr, self.master_port, is_master=False, timeout=timeout)
         prefixed = dist.PrefixStore(self.prefix, store)
         world_size = int(prefixed.get("world_size"))
         if not 0 < self.rank < world_size:
-            raise ValueError(f"collective weight sync: receiver rank {self.rank} is outside a group of "
-                             f"{world_size} (one receiver per actor, worker indices 0..{world_size - 2})")
+            raise ValueError(f"collective weight sync: receiver for worker {self.rank - 1} does not fit a group "
+                             f"of {world_size - 1} collectors (one receiver per actor, indices 0..{world_size - 2})")
         layout = _layout(state)
         self._slots, self._sizes = _plan(layout, self.bucket_bytes)
         self._fingerprint = _fingerprint(layout, self.bucket_bytes)
-        prefixed.set(f"arrived/{self.rank}", "1")  # lets the trainer name absent collectors on timeout
-        group = _new_group(self.backend, prefixed, self.rank, world_size, timeout, _node_ip())
+        prefixed.set(f"arrived/{self.rank}", _describe_device(model_device))
+        backend = prefixed.get("backend").decode()
+        if backend == "nccl":
+            if model_device is None or model_device.type != "cuda":
+                raise WeightSyncError(f"collective weight sync: backend 'nccl' needs collector {self.rank - 1}'s "
+                                      f"model on one CUDA device (found {sorted(map(str, devices))}); use 'gloo'")
+            torch.cuda.set_device(model_device)
+            self._device = model_device
+        group = _new_group(backend, prefixed, self.rank, world_size, timeout, _node_ip())
         _check_group(group, self._device, world_size)
-        self._store, self._group = store, group
+        self._store, self._group, self.backend = store, group, backend
         self._buffers = self._allocate()
 
     def _allocate(self) -> list[torch.Tensor]:
@@ -316,8 +350,8 @@ class CollectiveReceiver(WeightReceiver):
             raise ValueError("collective weight sync: update_weights() expects payload=None "
                              "(the weights come through the broadcast)")
         if not _agree_on_layout(self._group, self._device, self._fingerprint, is_root=False):
-            raise WeightSyncError(f"collective weight sync: collector rank {self.rank}'s state dict (names, shapes, "
-                               "dtypes) differs from the trainer's; push aborted")
+            raise WeightSyncError(f"collective weight sync: collector {self.rank - 1}'s state dict (names, shapes, "
+                                  "dtypes) differs from the trainer's; push aborted")
         buffers = self._buffers if self._buffers is not None else self._allocate()
         self._buffers = None
         for buffer in buffers:
@@ -342,30 +376,40 @@ class CollectiveWeightSync(WeightSync):
 
     Rendezvous: a TCPStore on the trainer's Ray node address and an OS-chosen free port, with a
     per-instance key prefix, so several groups (or a new one after :meth:`close`) never collide.
-    ``backend=None`` picks NCCL when CUDA is available here, else gloo; pass ``"gloo"`` when the
-    collectors' models live on CPU. NCCL needs a distinct GPU per rank.
+    ``device`` is where the trainer's weights live. ``backend=None`` negotiates at connect: NCCL
+    when the trainer and every collector hold their weights on distinct GPUs, gloo otherwise
+    (CPU anywhere, or a GPU shared by two ranks, which NCCL refuses). ``num_receivers``, when
+    given, is checked against the receivers made and the actors connected.
     """
 
-    def __init__(self, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+    def __init__(self, backend: str | None = None, device: torch.device | str | None = None,
+                 num_receivers: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES):
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend not in ("gloo", "nccl"):
-            raise ValueError(f"collective weight sync: backend={backend!r} is not one of: gloo, nccl")
+        if backend not in (None, "gloo", "nccl"):
+            raise ValueError(f"collective weight sync: backend={backend!r} is not one of: gloo, nccl (or None: auto)")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl" and self.device.type != "cuda":
+            raise ValueError(f"collective weight sync: backend 'nccl' needs the trainer's weights on CUDA "
+                             f"(device={self.device}); use 'gloo'")
         if bucket_bytes <= 0:
             raise ValueError(f"collective weight sync: bucket_bytes must be positive, got {bucket_bytes}")
         self.backend = backend
+        self.num_receivers = num_receivers
         self.timeout_s = float(timeout_s)
         self.bucket_bytes = int(bucket_bytes)
         self.prefix = f"grpo-weight-sync/{uuid.uuid4().hex}"
         self.master_addr: str | None = None
         self.master_port: int | None = None
+        self.active_backend: str | None = None  # chosen at connect()
         self._store = None
         self._group = None
         self._num_actors = 0
         self._issued: set[int] = set()
         self._staging: torch.Tensor | None = None
-        self._device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self._broken = ""  # why the group can no longer be used, after a failed broadcast
+        self._device = torch.device("cpu")  # where the broadcast buffers live on the trainer
 
     def _ensure_store(self) -> None:
         if self._store is None:
@@ -377,10 +421,13 @@ class CollectiveWeightSync(WeightSync):
     def receiver(self, worker_index: int) -> WeightReceiver:
         if self._group is not None:
             raise RuntimeError("collective weight sync: receivers must be made before connect()")
+        if self.num_receivers is not None and not 0 <= worker_index < self.num_receivers:
+            raise ValueError(f"collective weight sync: worker_index {worker_index} is outside "
+                             f"0..{self.num_receivers - 1}")
         self._ensure_store()
         self._issued.add(worker_index)
-        return CollectiveReceiver(self.master_addr, self.master_port, self.prefix, worker_index + 1, self.backend,
-                                  self.timeout_s, self.bucket_bytes)
+        return CollectiveReceiver(self.master_addr, self.master_port, self.prefix, worker_index + 1, self.timeout_s,
+                                  self.bucket_bytes)
 
     def connect(self, actors: list) -> None:
         """Every actor's ``connect_weight_sync()`` and rank 0's join run concurrently (the group
@@ -388,6 +435,8 @@ class CollectiveWeightSync(WeightSync):
         if self._group is not None:
             raise RuntimeError("collective weight sync: connect() called twice")
         n = len(actors)
+        if self.num_receivers is not None and n != self.num_receivers:
+            raise ValueError(f"collective weight sync: {n} actors connect, num_receivers={self.num_receivers}")
         if self._issued != set(range(n)):
             raise ValueError(f"collective weight sync: receivers were made for worker indices {sorted(self._issued)}"
                              f" but {n} actors connect; make one receiver per actor, indices 0..{n - 1}")
@@ -400,10 +449,17 @@ class CollectiveWeightSync(WeightSync):
 
         def join() -> None:
             try:
-                group = _new_group(self.backend, prefixed, 0, n + 1, timedelta(seconds=self.timeout_s),
-                                   self.master_addr)
-                _check_group(group, self._device, n + 1)
-                joined["group"] = group
+                keys = [f"arrived/{rank}" for rank in range(1, n + 1)]
+                prefixed.wait(keys, timedelta(seconds=max(0.0, deadline - time.monotonic())))
+                backend = _choose_backend(self.backend, [_describe_device(self.device)]
+                                          + [prefixed.get(k).decode() for k in keys])
+                device = self.device if backend == "nccl" else torch.device("cpu")
+                if backend == "nccl":
+                    torch.cuda.set_device(device)
+                prefixed.set("backend", backend)
+                group = _new_group(backend, prefixed, 0, n + 1, timedelta(seconds=self.timeout_s), self.master_addr)
+                _check_group(group, device, n + 1)
+                joined.update(group=group, backend=backend, device=device)
             except Exception as e:  # reported by the caller's thread
                 joined["error"] = e
 
@@ -417,10 +473,14 @@ class CollectiveWeightSync(WeightSync):
                 reason = _first_line(joined["error"]) if "error" in joined else "still waiting"
                 raise WeightSyncError(f"collective weight sync: the trainer (rank 0) could not {what} within "
                                       f"timeout_s={self.timeout_s:g}s: {reason}")
-        except WeightSyncError as e:
+        except CollectorDiedError:
+            self.close()
+            raise
+        except WeightSyncError:
+            # Collectors that never arrived are the cause; the others merely timed out waiting for them.
             absent = [i for i in range(n) if not prefixed.check([f"arrived/{i + 1}"])]
             self.close()
-            if absent and not str(e).startswith("collective weight sync: collector"):
+            if absent:
                 raise WeightSyncError(f"collective weight sync: collector(s) {absent} never reached the weight-sync "
                                       f"group (their connect_weight_sync() did not join it) within "
                                       f"timeout_s={self.timeout_s:g}s") from None
@@ -428,7 +488,7 @@ class CollectiveWeightSync(WeightSync):
         except BaseException:
             self.close()
             raise
-        self._group = joined["group"]
+        self._group, self.active_backend, self._device = joined["group"], joined["backend"], joined["device"]
         self._num_actors = n
 
     def _wait(self, refs: list, deadline: float, what: str, joined: dict[str, Any] | None = None) -> None:
@@ -444,17 +504,75 @@ class CollectiveWeightSync(WeightSync):
             left = deadline - time.monotonic()
             if left <= 0:
                 late = sorted(refs.index(r) for r in pending)
-                raise WeightSyncError(f"collective weight sync: collector(s) {late} did not {what} "
-                                      f"within timeout_s={self.timeout_s:g}s")
+                raise WeightSyncTimeout(f"collective weight sync: collector(s) {late} did not {what} "
+                                        f"within timeout_s={self.timeout_s:g}s")
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 0.25))
             if any(_failed(ref) for ref in done):
                 done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)  # let the other failures land
                 failures = [(refs.index(r), e) for r in done if (e := _failed(r)) is not None]
                 died = [(i, e) for i, e in failures if isinstance(e, ray.exceptions.RayActorError)]
                 i, e = (died or failures)[0]
-                verb = "died while trying to" if died else "failed to"
-                raise WeightSyncError(f"collective weight sync: collector {i} {verb} {what}: "
-                                      f"{_first_line(getattr(e, 'cause', None) or e)}") from None
+                error = CollectorDiedError if died else WeightSyncError
+                raise error(f"collective weight sync: collector {i} {'died while trying to' if died else 'failed to'} "
+                            f"{what}: {_first_line(getattr(e, 'cause', None) or e)}") from None
             if joined and "error" in joined:
                 return  # the trainer's own failure is reported by the caller
 
+    def push(self, model: torch.nn.Module, version: int, actors: list) -> None:
+        """Broadcast the weights and return once every actor holds them (pushes never overlap)."""
+        if self._group is None:
+            raise RuntimeError("collective weight sync: push() before connect() (or after close())")
+        if self._broken:
+            raise WeightSyncError(f"collective weight sync: the group is broken since an earlier push: {self._broken}")
+        if len(actors) != self._num_actors:
+            raise ValueError(f"collective weight sync: push() to {len(actors)} actors, connected {self._num_actors}")
+        state = model.state_dict()
+        layout = _layout(state)
+        slots, sizes = _plan(layout, self.bucket_bytes)
+        deadline = time.monotonic() + self.timeout_s
+        refs = [actor.update_weights.remote(None, version) for actor in actors]
+        what = f"receive weights version {version}"
+        try:
+            if not _agree_on_layout(self._group, self._device, _fingerprint(layout, self.bucket_bytes), is_root=True):
+                self._wait(refs, deadline, what)  # raises with the collector's own message
+                raise WeightSyncError("collective weight sync: a collector's state dict differs from the trainer's")
+            for bucket, size in enumerate(sizes):
+                if size:
+                    self._group.broadcast(self._bucket(state, [s for s in slots if s.bucket == bucket], size), 0).wait()
+        except WeightSyncError:
+            raise
+        except RuntimeError as e:
+            # The group is unusable now. A collector that died is the likely cause: name it if Ray
+            # reports it within a short grace, else report the broadcast error itself.
+            self._broken = _first_line(e)
+            try:
+                self._wait(refs, min(deadline, time.monotonic() + _GRACE_S), what)
+            except WeightSyncTimeout:
+                pass
+            raise WeightSyncError(f"collective weight sync: broadcast of version {version} failed: "
+                                  f"{self._broken}") from e
+        self._wait(refs, deadline, what)
+
+    def _bucket(self, state: dict[str, torch.Tensor], slots: list[_Slot], size: int) -> torch.Tensor:
+        """The bytes of one bucket: the tensor itself when it fills the bucket alone, else a staged copy."""
+        if len(slots) == 1:
+            tensor = state[slots[0].name]
+            if tensor.device == self._device and tensor.is_contiguous():
+                return _as_bytes(tensor)
+        if self._staging is None or self._staging.numel() < size:
+            self._staging = torch.empty(size, dtype=torch.uint8, device=self._device)
+        staged = self._staging[:size]
+        _fill_bucket(staged, state, slots)
+        return staged
+
+    def close(self) -> None:
+        """Leave the group and stop the rendezvous store; a new instance can be made afterwards."""
+        group, self._group = self._group, None
+        self._store = None
+        self._staging = None
+        self._num_actors = 0
+        if group is not None:
+            try:
+                group.shutdown()
+            except Exception:  # best effort: peers may already be gone
+                pass

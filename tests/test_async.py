@@ -244,13 +244,17 @@ def test_sync_on_ray_dead_collector_stops_the_run(env, tiny_dir, tmp_path):
 
 # ---- async: several collectors, resume -----------------------------------------------------------
 
-def test_two_collectors_both_feed_the_trainer(env, tiny_dir, tmp_path):
+def test_two_collectors_both_feed_the_trainer_over_a_collective_weight_sync(env, tiny_dir, tmp_path):
     run_dir = tmp_path / "two"
     run_async(env, *tiny_overrides(tiny_dir, run_dir, "train.max_steps=12", "eval.before_after=false",
-                                   "mode.num_collectors=2", "mode.collector_cpus=0.5", "mode.max_staleness=2"))
+                                   "mode.num_collectors=2", "mode.collector_cpus=0.5", "mode.max_staleness=2",
+                                   "mode.weight_sync=collective"))
     train = train_lines(run_dir)
     assert {r["collector"] for r in train} == {0, 1}
     assert all(r["staleness/max"] <= 2 for r in train)
+    # Weights reached the collectors through the broadcast group: later batches carry newer versions.
+    batch_versions = [r["policy_version"] - r["staleness/max"] for r in train]
+    assert max(batch_versions) >= 2, batch_versions
 
 
 def test_async_resume_continues_steps_versions_and_prompt_streams(env, tiny_dir, tmp_path):

@@ -13,8 +13,10 @@ ray = pytest.importorskip("ray")
 
 from grpo_utils.weight_sync import (  # noqa: E402
     CollectiveWeightSync,
+    CollectorDiedError,
     ObjectStoreWeightSync,
     WeightSyncError,
+    _choose_backend,
     _plan,
     _unpack,
     make_weight_sync,
@@ -78,22 +80,27 @@ class StandInCollector:
 
 
 @pytest.fixture(scope="module")
-def actors():
+def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     try:
-        # The constructor path the real collectors use: the receiver is pickled into the actor.
-        sync = ObjectStoreWeightSync()
-        handles = [StandInCollector.remote(sync.receiver(i), seed=100 + i) for i in range(2)]
-        ray.get([a.get_weights.remote() for a in handles])
-        yield handles
+        yield
     finally:
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def actors(ray_cluster):
+    # The constructor path the real collectors use: the receiver is pickled into the actor.
+    sync = ObjectStoreWeightSync()
+    handles = [StandInCollector.remote(sync.receiver(i), seed=100 + i) for i in range(2)]
+    ray.get([a.get_weights.remote() for a in handles])
+    return handles
+
+
 def attach(kind: str, actors: list, seed: int = 100, **kwargs):
-    """A new strategy of ``kind``, its receivers installed in the actors, connected."""
-    sync = make_weight_sync(kind, **kwargs)
+    """A new strategy of ``kind`` (made as the recipes make it), its receivers installed in the actors, connected."""
+    sync = make_weight_sync(kind, num_receivers=len(actors), device=torch.device("cpu"), **kwargs)
     ray.get([a.set_receiver.remote(sync.receiver(i), seed + i) for i, a in enumerate(actors)])
     sync.connect(actors)
     return sync
@@ -135,6 +142,8 @@ def test_push_reaches_every_actor(actors, kind):
     # Small buckets: the collective path packs many buckets, mixed dtypes and unaligned sizes.
     sync = attach(kind, actors, **({"bucket_bytes": 96} if kind == "collective" else {}))
     try:
+        if kind == "collective":
+            assert sync.active_backend == "gloo"  # negotiated: CPU weights
         trainer = make_model(seed=7)
         assert not torch.equal(weights_of(actors[0], -1)["0.weight"], trainer.state_dict()["0.weight"])
 
@@ -158,9 +167,34 @@ def test_push_reaches_every_actor(actors, kind):
 
 
 def test_unknown_kind_is_one_line_error():
-    with pytest.raises(ValueError, match=r"mode\.weight_sync='nccl_p2p'.*object_store, collective") as info:
+    with pytest.raises(ValueError, match=r"^mode\.weight_sync='nccl_p2p' is unknown; expected one of object_store, collective$") as info:
         make_weight_sync("nccl_p2p")
     assert "\n" not in str(info.value)
+
+
+def test_backend_negotiation():
+    gpu = ["cuda:GPU-a", "cuda:GPU-b", "cuda:GPU-c"]
+    assert _choose_backend(None, gpu) == "nccl"
+    assert _choose_backend(None, ["cuda:GPU-a", "cuda:GPU-a", "cuda:GPU-b"]) == "gloo"  # shared GPU: NCCL refuses
+    assert _choose_backend(None, ["cuda:GPU-a", "cpu"]) == "gloo"
+    assert _choose_backend(None, ["cuda:?", "cuda:GPU-b"]) == "gloo"
+    assert _choose_backend("nccl", ["cpu", "cpu"]) == "nccl"  # forced: the receivers then fail with a clear error
+    with pytest.raises(ValueError, match="backend 'nccl' needs the trainer's weights on CUDA"):
+        CollectiveWeightSync(backend="nccl", device="cpu")
+    with pytest.raises(ValueError, match="backend='mpi' is not one of"):
+        CollectiveWeightSync(backend="mpi")
+
+
+def test_collective_receiver_count_is_checked(ray_cluster, actors):
+    sync = CollectiveWeightSync(num_receivers=2)
+    try:
+        with pytest.raises(ValueError, match="worker_index 2 is outside 0..1"):
+            sync.receiver(2)
+        sync.receiver(0)
+        with pytest.raises(ValueError, match=r"receivers were made for worker indices \[0\] but 2 actors"):
+            sync.connect(actors)
+    finally:
+        sync.close()
 
 
 def test_bucket_plan_round_trip():
@@ -193,7 +227,6 @@ def test_collective_close_then_new_group(actors):
 
     second = attach("collective", actors)  # the actors close their old receivers first
     try:
-        assert second.master_port != port or second.prefix != first.prefix
         edit(trainer, 2.0)
         want = snapshot(trainer)
         second.push(trainer, 5, actors)
@@ -221,7 +254,34 @@ def test_collective_connect_times_out_naming_the_side(actors):
     receivers = [sync.receiver(0), sync.receiver(1)]
     ray.get([actors[0].set_receiver.remote(receivers[0]), actors[1].set_receiver.remote(None)])
     start = time.monotonic()
-    with pytest.raises(WeightSyncError, match=r"collective weight sync: .*(trainer \(rank 0\)|collector).*2s"):
-        sync.connect(actors)  # actor 1 never joins
+    with pytest.raises(WeightSyncError, match=r"collector\(s\) \[1\] never reached the weight-sync group.*timeout_s=2s"):
+        sync.connect(actors)  # actor 1's connect_weight_sync() returns without joining
     assert time.monotonic() - start < 10
+    with pytest.raises(RuntimeError, match="before connect"):
+        sync.push(make_model(seed=1), 1, actors)
     sync.close()
+
+
+def test_collective_push_names_a_dead_collector(ray_cluster):
+    """A collector that dies between pushes is named (not its peers, whose receive merely broke)."""
+    doomed = [StandInCollector.remote(None, seed=i) for i in range(2)]
+    sync = attach("collective", doomed, timeout_s=30)
+    try:
+        trainer = make_model(seed=4)
+        sync.push(trainer, 1, doomed)
+        ray.kill(doomed[1])
+        deadline = time.monotonic() + 10
+        while True:  # ray.kill is asynchronous: wait until the death is visible
+            try:
+                ray.get(doomed[1].get_weights.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                break
+            assert time.monotonic() < deadline, "killed actor still answers"
+            time.sleep(0.05)
+        start = time.monotonic()
+        with pytest.raises(CollectorDiedError, match="collector 1 died while trying to receive weights version 2"):
+            sync.push(trainer, 2, doomed)
+        assert time.monotonic() - start < 10
+    finally:
+        sync.close()
+        ray.kill(doomed[0])
