@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -147,9 +145,9 @@ def init_ray(plan: ResourcePlan) -> None:
                                                                         plan.cluster_gpus))
     ray.init(address="local", num_cpus=math.ceil(plan.ray_cpus), num_gpus=math.ceil(plan.ray_gpus),
              include_dashboard=False, logging_level="WARNING", log_to_driver=True, configure_logging=True)
-    # SIGTERM (a scheduler's stop) unwinds like Ctrl-C: checkpoint, kill the actors, stop Ray.
-    # Installed after ray.init, which sets its own handler.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("error: terminated (SIGTERM)"))
+    from grpo_utils.setup import exit_on_sigterm
+
+    exit_on_sigterm()
 
 
 def collector_gpu_ids(trainer_index: int, total: int) -> list[str]:

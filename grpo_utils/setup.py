@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ def start_run(cfg: DictConfig, mode: str) -> Run:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
+    exit_on_sigterm()
     return Run(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir), device=resolve_device(cfg.device))
 
 
@@ -132,7 +134,8 @@ def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, mod
     actor_cfg["model"]["name"] = model_path or resolve_model_path(cfg.model.name)
     init_ray(plan)
     try:
-        sync = make_weight_sync(mode_opt(cfg, "weight_sync"), num_receivers=plan.num_collectors, device=device)
+        sync = make_weight_sync(mode_opt(cfg, "weight_sync"), num_receivers=plan.num_collectors, device=device,
+                                timeout_s=float(mode_opt(cfg, "actor_timeout_s")))
         return CollectorPool(actor_cfg, plan, sync, float(mode_opt(cfg, "actor_timeout_s")), streaming=streaming,
                              buffer_size=mode_opt(cfg, "buffer_size"), start_states=start_states)
     except CollectorFailed as e:
@@ -145,16 +148,30 @@ def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, mod
 
 def stop_run(error: BaseException, save_now, logger) -> None:
     """Called from an ``except`` block: checkpoint the current step (``save_now`` returns the last
-    saved step), close the metrics, then exit with one line for a dead collector, or re-raise
-    anything else (Ctrl-C and SIGTERM included)."""
+    saved step), close the metrics, then stop with one line naming that checkpoint for a dead
+    collector, Ctrl-C (exit code 130) or SIGTERM; anything else is re-raised."""
     from grpo_utils.ray_collector import CollectorFailed
 
     saved = save_now()
     logger.close()
+    where = f"; last checkpoint: step {saved}" if saved > 0 else ""
     if isinstance(error, CollectorFailed):
-        where = f"; last checkpoint: step {saved}" if saved else ""
         sys.exit(f"error: {error}{where}")
+    if isinstance(error, KeyboardInterrupt):
+        print(f"interrupted{where}", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(error, SystemExit) and error.code == TERMINATED:
+        sys.exit(f"{TERMINATED}{where}")
     raise error
+
+
+TERMINATED = "error: terminated (SIGTERM)"
+
+
+def exit_on_sigterm() -> None:
+    """A scheduler's SIGTERM unwinds like Ctrl-C (checkpoint, shut Ray down) instead of killing
+    the process outright. Ray's ``init`` installs its own handler, so this runs after it too."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(TERMINATED))
 
 
 def find_resume_checkpoint(resume, run_dir: Path) -> Path | None:

@@ -273,3 +273,39 @@ def test_async_resume_continues_steps_versions_and_prompt_streams(env, tiny_dir,
     # The collector's prompt stream went on from where the trainer had consumed it.
     pos = lambda s: (s["collectors"][0]["prompts"]["epoch"], s["collectors"][0]["prompts"]["position"])  # noqa: E731
     assert pos(last) > pos(first)
+
+
+@pytest.mark.parametrize(("mode", "sig"), [("async", "SIGINT"), ("sync_ray", "SIGTERM"), ("sync_local", "SIGTERM")])
+def test_interrupted_run_checkpoints_the_step_reached_and_leaves_no_ray_process(env, tiny_dir, tmp_path, mode, sig):
+    import signal
+
+    import torch
+
+    run_dir = tmp_path / mode
+    extra = ("train.max_steps=500", "eval.before_after=false", "checkpoint.every_n_steps=0")
+    if mode == "async":
+        overrides, recipe = tiny_overrides(tiny_dir, run_dir, *extra), RECIPE
+    else:
+        overrides, recipe = sync_ray_overrides(tiny_dir, run_dir, *extra), SYNC_RECIPE
+        if mode == "sync_local":
+            overrides = [o for o in overrides if o != "mode.ray=true"]
+    before = ray_daemons()
+    proc = subprocess.Popen([sys.executable, str(recipe), "num_threads=1", *overrides], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and len(train_lines(run_dir)) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert_no_new_ray_processes(before)
+    reached = train_lines(run_dir)[-1]["step"]
+    last = err.strip().splitlines()[-1]
+    if sig == "SIGINT":
+        assert proc.returncode == 130 and last == f"interrupted; last checkpoint: step {reached}", err[-2000:]
+    else:
+        assert proc.returncode == 1 and last == f"error: terminated (SIGTERM); last checkpoint: step {reached}"
+    state = torch.load(run_dir / "checkpoints" / f"step_{reached}" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == reached and reached < 500, err[-2000:]
