@@ -41,6 +41,10 @@ class CollectorFailed(RuntimeError):
     """A collector actor died or stopped answering; the message says which and why."""
 
 
+class CollectorDied(CollectorFailed):
+    """The actor process is gone (crash, OOM kill): it may be restarted."""
+
+
 def payload_to_batch(payload: dict[str, Any]) -> TensorDict:
     return TensorDict(dict(payload["tensors"]), batch_size=[payload["size"]])
 
@@ -206,25 +210,37 @@ def make_collector_class(num_cpus: float, num_gpus: float):
 
 
 class CollectorPool:
-    """The collector actors, the bounded queue they fill (streaming), and the weight pushes."""
+    """The collector actors, the bounded queue they fill (streaming), the weight pushes, and the
+    restart of an actor that dies (at most ``max_restarts`` times in the run).
+
+    ``consumed[i]`` is collector ``i``'s position (prompt stream, RNGs, version) after the last
+    batch the trainer took from it: checkpoints store it, and a restarted actor starts there, so
+    neither a restart nor a resume skips or repeats prompts.
+    """
 
     def __init__(self, cfg: dict, plan, weight_sync, timeout_s: float, streaming: bool, buffer_size: int = 1,
-                 start_states: dict[int, dict] | None = None):
+                 start_states: dict[int, dict] | None = None, model: torch.nn.Module | None = None,
+                 max_restarts: int = 0):
         from ray.util.queue import Queue
 
-        self.timeout_s = timeout_s
-        self.weight_sync = weight_sync
+        self.cfg, self.timeout_s, self.weight_sync, self.streaming = cfg, timeout_s, weight_sync, streaming
+        self.model, self.max_restarts, self.restarts = model, max_restarts, 0
+        self.version = 0
+        self.consumed: dict[int, dict] = dict(start_states or {})
+        self.backlog: list[dict[str, Any]] = []  # batches taken off the queue during a restart
         self.queue = Queue(maxsize=buffer_size, actor_options={"num_cpus": 0}) if streaming else None
-        cls = make_collector_class(plan.collector_cpus, plan.collector_gpus)
-        start_states = start_states or {}
-        self.actors = [cls.remote(cfg, i, weight_sync.receiver(i), self.queue, start_states.get(i))
-                       for i in range(plan.num_collectors)]
+        self.actor_class = make_collector_class(plan.collector_cpus, plan.collector_gpus)
+        self.actors = [self._new_actor(i) for i in range(plan.num_collectors)]
         self._get(*(a.ready.remote() for a in self.actors), what="start")
         try:
             weight_sync.connect(self.actors)
         except RuntimeError as e:
             raise CollectorFailed(f"weight sync could not connect: {e}") from None
         self.runs = {a.run.remote(): i for i, a in enumerate(self.actors)} if streaming else {}
+
+    def _new_actor(self, index: int):
+        return self.actor_class.remote(self.cfg, index, self.weight_sync.receiver(index), self.queue,
+                                       self.consumed.get(index))
 
     def all_actors(self) -> list:
         return [*self.actors, *([self.queue.actor] if self.queue is not None else [])]
@@ -233,33 +249,66 @@ class CollectorPool:
         try:
             return ray.get(list(refs), timeout=self.timeout_s)
         except ray.exceptions.RayActorError as e:
-            raise CollectorFailed(f"collector actor died during {what}: {_first_line(e)}") from None
+            raise CollectorDied(f"collector actor died during {what}: {_first_line(e)}") from None
         except ray.exceptions.RayTaskError as e:
             raise CollectorFailed(f"collector actor failed during {what}: {_cause(e)}") from None
         except ray.exceptions.GetTimeoutError:
             raise CollectorFailed(f"collector actors did not {what} within mode.actor_timeout_s="
                                   f"{self.timeout_s:g}s") from None
 
+    def restart(self, index: int, reason: str) -> None:
+        """Replace dead actor ``index`` by a fresh one that continues its prompt stream from the last
+        batch the trainer took and gets the trainer's current weights; raise if no restart is left."""
+        if self.restarts >= self.max_restarts:
+            extra = (f" (after {self.restarts} restart(s), mode.max_restarts={self.max_restarts})"
+                     if self.restarts else "")
+            raise CollectorFailed(f"collector actor {index} {reason}{extra}")
+        self.restarts += 1
+        print(f"collector actor {index} {reason}; restarting it ({self.restarts}/{self.max_restarts})", flush=True)
+        ray.kill(self.actors[index], no_restart=True)
+        start = self.consumed.get(index)
+        if self.streaming:
+            # Batches the dead actor queued are still good: keep them, and start its successor
+            # after the last of them, not after the last one trained on.
+            self.backlog += self.queue.get_nowait_batch(self.queue.qsize())
+            start = next((b["state"] for b in reversed(self.backlog) if b["worker"] == index), start)
+        actor = self.actor_class.remote(self.cfg, index, self.weight_sync.receiver(index), self.queue, start)
+        self.actors[index] = actor
+        self._get(actor.ready.remote(), what="restart")
+        if self.version > 0 and self.model is not None:
+            self.push_weights(self.model, self.version, [actor])
+        if self.streaming:
+            self.runs = {ref: i for ref, i in self.runs.items() if i != index}
+            self.runs[actor.run.remote()] = index
+
     def request(self, worker: int, min_version: int):
         """Start one batch on ``worker`` (on-demand mode); pass the returned ref to :meth:`result`."""
         return self.actors[worker].collect_batch.remote(min_version)
 
-    def result(self, ref) -> dict[str, Any]:
-        return self._get(ref, what="collect a batch")[0]
+    def result(self, ref, worker: int = 0, min_version: int = 0) -> dict[str, Any]:
+        """The payload of a :meth:`request`; a dead actor is restarted (if allowed) and asked again."""
+        while True:
+            try:
+                payload = self._get(ref, what="collect a batch")[0]
+                break
+            except CollectorDied as e:
+                self.restart(worker, f"died ({e})")
+                ref = self.request(worker, min_version)
+        self.consumed[payload["worker"]] = payload["state"]
+        return payload
 
     def check_alive(self) -> None:
-        """Raise :class:`CollectorFailed` if any streaming collector's ``run`` has ended."""
+        """Restart (or raise :class:`CollectorFailed` for) any streaming collector whose ``run`` ended."""
         done, _ = ray.wait(list(self.runs), num_returns=len(self.runs), timeout=0)
         for ref in done:
             index = self.runs[ref]
             try:
                 ray.get(ref, timeout=self.timeout_s)
-                reason = "stopped unexpectedly"
+                raise CollectorFailed(f"collector actor {index} stopped unexpectedly")
             except ray.exceptions.RayActorError as e:
-                reason = f"died ({_first_line(e)})"
+                self.restart(index, f"died ({_first_line(e)})")
             except ray.exceptions.RayTaskError as e:
-                reason = f"failed: {_cause(e)}"
-            raise CollectorFailed(f"collector actor {index} {reason}")
+                raise CollectorFailed(f"collector actor {index} failed: {_cause(e)}") from None
 
     def get(self) -> tuple[dict[str, Any], int]:
         """The next streamed payload and the queue size after taking it; polls the collectors'
@@ -267,9 +316,14 @@ class CollectorPool:
         deadline = time.monotonic() + self.timeout_s
         while True:
             self.check_alive()
+            if self.backlog:
+                payload = self.backlog.pop(0)
+                self.consumed[payload["worker"]] = payload["state"]
+                return payload, len(self.backlog) + self.queue.qsize()
             try:
                 payload = ray.get(self.queue.actor.get.remote(1.0), timeout=self.timeout_s)
                 size = ray.get(self.queue.actor.qsize.remote(), timeout=self.timeout_s)
+                self.consumed[payload["worker"]] = payload["state"]
                 return payload, size
             except ray.exceptions.RayActorError as e:
                 raise CollectorFailed(f"the rollout queue actor died: {_first_line(e)}") from None
@@ -279,9 +333,10 @@ class CollectorPool:
                 self.check_alive()
                 raise CollectorFailed(f"no rollout batch within mode.actor_timeout_s={self.timeout_s:g}s")
 
-    def push_weights(self, model: torch.nn.Module, version: int) -> None:
+    def push_weights(self, model: torch.nn.Module, version: int, actors: list | None = None) -> None:
+        self.version = version
         try:
-            self.weight_sync.push(model, version, self.actors)
+            self.weight_sync.push(model, version, self.actors if actors is None else actors)
         except ray.exceptions.RayActorError as e:
             raise CollectorFailed(f"collector actor died during a weight push: {_first_line(e)}") from None
         except RuntimeError as e:
@@ -310,16 +365,15 @@ class RayRollout:
         self.pool, self.sync_iter = pool, sync_iter
         self.version = 0
         self._in_flight = None
-        self._consumed: dict | None = None
 
     def collect(self, shaping=None) -> tuple[TensorDict, dict[str, float]]:
         # ``shaping`` is applied inside the actor (it builds the same loss from the config).
         ref = self._in_flight or self.pool.request(0, self.version)
-        payload = self.pool.result(ref)
+        payload = self.pool.result(ref, 0, self.version)
         self._in_flight = None if self.sync_iter else self.pool.request(0, self.version)
-        self._consumed = payload["state"]
         batch = payload_to_batch(payload)
         stats = dict(payload["stats"]) | staleness_stats(sample_ages(batch["policy_version"], self.version))
+        stats["collector_restarts"] = self.pool.restarts
         return batch, stats
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
@@ -329,10 +383,11 @@ class RayRollout:
     def data_state(self) -> dict:
         """The actor's position after the last batch the trainer took (an in-flight batch is
         regenerated after a resume, so nothing is skipped)."""
-        return {"collector": self._consumed}
+        return {"collector": self.pool.consumed.get(0)}
 
     def load_data_state(self, state: dict) -> None:
         if state.get("collector") is not None:
+            self.pool.consumed[0] = state["collector"]
             self.pool._get(self.pool.actors[0].load_state.remote(state["collector"]), what="load its state")
 
     def close(self) -> None:

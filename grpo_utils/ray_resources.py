@@ -20,6 +20,7 @@ SHARED_DEFAULTS = {
     "cluster_cpus": None,        # CPUs the machine offers; null: os.cpu_count()
     "actor_timeout_s": 120.0,    # longest wait on any actor/queue call before the run stops
     "weight_sync": "object_store",  # how weights reach the collectors: object_store | collective
+    "max_restarts": 0,           # collector actors that die are restarted this many times in all, then the run stops
 }
 SYNC_DEFAULTS = {
     "ray": False,                # true: generate in a Ray collector actor with its own copy of the policy
@@ -97,6 +98,11 @@ def check_mode_options(cfg: DictConfig) -> None:
         (mode_opt(cfg, "actor_timeout_s") > 0, f"mode.actor_timeout_s={mode_opt(cfg, 'actor_timeout_s')} must be > 0"),
         (mode_opt(cfg, "weight_sync") in WEIGHT_SYNCS,
          f"mode.weight_sync={mode_opt(cfg, 'weight_sync')!r} is unknown; expected one of {', '.join(WEIGHT_SYNCS)}"),
+        (isinstance(mode_opt(cfg, "max_restarts"), int) and mode_opt(cfg, "max_restarts") >= 0,
+         f"mode.max_restarts={mode_opt(cfg, 'max_restarts')} must be an integer >= 0"),
+        (mode_opt(cfg, "max_restarts") == 0 or mode_opt(cfg, "weight_sync") == "object_store",
+         f"mode.max_restarts={mode_opt(cfg, 'max_restarts')} needs mode.weight_sync=object_store "
+         "(a restarted actor cannot join a running broadcast group)"),
     ]
     for ok, msg in checks:
         if not ok:

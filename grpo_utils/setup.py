@@ -102,7 +102,7 @@ def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, re
     if mode_opt(cfg, "ray"):
         from grpo_utils.ray_collector import RayRollout
 
-        return RayRollout(start_collectors(cfg, device or torch.device("cpu"), streaming=False),
+        return RayRollout(start_collectors(cfg, device or torch.device("cpu"), streaming=False, model=model),
                           sync_iter=mode_opt(cfg, "sync_iter"))
     if cfg.rollout.engine == "collector":
         from grpo_utils.collector_rollout import CollectorRollout
@@ -113,11 +113,12 @@ def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, re
                         stream, keep_rollout_log_probs=keep_rollout_log_probs)
 
 
-def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, model_path: str | None = None,
-                     start_states: dict[int, dict] | None = None):
+def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, model: torch.nn.Module | None = None,
+                     model_path: str | None = None, start_states: dict[int, dict] | None = None):
     """Plan the resources, start a local Ray cluster sized to the plan and the collector actors
     (built from ``model_path``, default ``model.name``). Exits with one line if the machine is short
-    or an actor cannot start; the returned pool's ``close()`` stops everything it started."""
+    or an actor cannot start; the returned pool's ``close()`` stops everything it started.
+    ``model`` (the trainer's) is what a restarted actor gets its weights from."""
     from grpo_utils.models import resolve_model_path
     from grpo_utils.ray_collector import CollectorFailed, CollectorPool
     from grpo_utils.ray_resources import init_ray, mode_opt, plan_resources, shutdown_ray
@@ -137,7 +138,8 @@ def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, mod
         sync = make_weight_sync(mode_opt(cfg, "weight_sync"), num_receivers=plan.num_collectors, device=device,
                                 timeout_s=float(mode_opt(cfg, "actor_timeout_s")))
         return CollectorPool(actor_cfg, plan, sync, float(mode_opt(cfg, "actor_timeout_s")), streaming=streaming,
-                             buffer_size=mode_opt(cfg, "buffer_size"), start_states=start_states)
+                             buffer_size=mode_opt(cfg, "buffer_size"), start_states=start_states, model=model,
+                             max_restarts=mode_opt(cfg, "max_restarts"))
     except CollectorFailed as e:
         shutdown_ray([])
         sys.exit(f"error: {e}")

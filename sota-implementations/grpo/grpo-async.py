@@ -56,8 +56,6 @@ def main(cfg: DictConfig) -> None:
     micro_batch_size = cfg.train.optim_batch_size // cfg.train.grad_accum_steps
     max_staleness, push_every = mode_opt(cfg, "max_staleness"), mode_opt(cfg, "weight_update_frequency")
 
-    # Each collector's position (prompt stream, RNG) after the last batch the trainer took: a
-    # resumed run continues each stream there, so no prompt is skipped or trained twice.
     step, version, before, saved, collectors = 0, 0, None, -1, {}
     if resume_from is not None:
         ckpt.load_model_weights(resume_from, model)
@@ -73,7 +71,7 @@ def main(cfg: DictConfig) -> None:
         if step > 0 and step != saved:
             ckpt.save_checkpoint(run.run_dir, step, model, tokenizer,
                                  {"step": step, "trainer": trainer.state_dict(), "policy_version": version,
-                                  "collectors": collectors, "heldout_accuracy_before": before},
+                                  "collectors": pool.consumed, "heldout_accuracy_before": before},
                                  keep_last=cfg.checkpoint.keep_last)
             saved = step
         return saved
@@ -87,9 +85,13 @@ def main(cfg: DictConfig) -> None:
                            run_name=cfg.wandb.run_name, config=OmegaConf.to_container(cfg, resolve=True),
                            total_steps=cfg.train.max_steps, start_step=step)
     t_start = time.perf_counter()
-    # The actors start from the checkpoint's weights (its directory is a Hugging Face model dir).
-    pool = start_collectors(cfg, run.device, streaming=True, model_path=str(resume_from) if resume_from else None,
+    # The actors start from the checkpoint's weights (its directory is a Hugging Face model dir)
+    # and each continues its prompt stream after the last batch the trainer took from it
+    # (pool.consumed, saved in checkpoints), so no prompt is skipped or trained twice.
+    pool = start_collectors(cfg, run.device, streaming=True, model=model,
+                            model_path=str(resume_from) if resume_from else None,
                             start_states={int(i): {**s, "version": version} for i, s in collectors.items()})
+    pool.version = version
     try:
         if cfg.eval.before_after and before is None:  # the collectors are generating meanwhile
             first = held_out_eval()
@@ -99,7 +101,6 @@ def main(cfg: DictConfig) -> None:
         dropped, since_push = 0, 0
         while step < cfg.train.max_steps:
             payload, queue_size = pool.get()
-            collectors[payload["worker"]] = payload["state"]
             batch = payload_to_batch(payload)
             ages = sample_ages(batch["policy_version"], version)
             if int(ages.max()) > max_staleness:
@@ -113,7 +114,7 @@ def main(cfg: DictConfig) -> None:
                 stats |= assign_advantages(batch, loss_fn, cfg.advantage.estimator, cfg.advantage.scale,
                                            cfg.advantage.eps, cfg.env.group_size)
             stats |= staleness_stats(ages) | {"buffer/size": queue_size, "samples_dropped": dropped,
-                                              "collector": payload["worker"]}
+                                              "collector": payload["worker"], "collector_restarts": pool.restarts}
             buffer = ReplayBuffer(storage=LazyTensorStorage(rollout_size), sampler=SamplerWithoutReplacement(),
                                   batch_size=cfg.train.optim_batch_size)
             buffer.extend(batch)
