@@ -1,4 +1,5 @@
-"""Wall-clock of grpo-sync.py against grpo-async.py for the same number of samples (quick start).
+"""Wall-clock of grpo-sync.py (local and on Ray) against grpo-async.py for the same number of
+samples (quick start).
 
     python bench/sync_vs_async.py                  # 60 optimizer steps of 64 samples each
     python bench/sync_vs_async.py --steps 100 --rounds 2
@@ -34,6 +35,14 @@ def run(recipe: str, run_dir: Path, a: argparse.Namespace, *extra: str) -> tuple
     return summary["wall_time_s"], total, summary.get("final", {})
 
 
+VARIANTS = {
+    "sync (local)": ("grpo-sync.py",),
+    "sync on Ray, sync_iter=true": ("grpo-sync.py", "mode.ray=true", "mode.sync_iter=true"),
+    "sync on Ray, sync_iter=false": ("grpo-sync.py", "mode.ray=true", "mode.sync_iter=false"),
+    "async": ("grpo-async.py", "mode=async"),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
@@ -41,25 +50,26 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-staleness", type=int, default=1)
     a = ap.parse_args()
-    loops = {"sync": [], "async": []}
-    totals = {"sync": [], "async": []}
+    loops = {name: [] for name in VARIANTS}
+    totals = {name: [] for name in VARIANTS}
     dropped = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
-            loop, total, _ = run("grpo-sync.py", Path(tmp) / f"sync{r}", a)
-            loops["sync"].append(loop)
-            totals["sync"].append(total)
-            loop, total, final = run("grpo-async.py", Path(tmp) / f"async{r}", a, "mode=async",
-                                     f"mode.max_staleness={a.max_staleness}")
-            loops["async"].append(loop)
-            totals["async"].append(total)
-            dropped.append(final.get("samples_dropped", 0))
-    s, y = statistics.median(loops["sync"]), statistics.median(loops["async"])
-    print(f"{a.steps} optimizer steps of the quick start, {a.rounds} round(s), max_staleness={a.max_staleness}")
-    print(f"sync : loop {s:6.1f} s | process {statistics.median(totals['sync']):6.1f} s")
-    print(f"async: loop {y:6.1f} s | process {statistics.median(totals['async']):6.1f} s "
-          f"| samples dropped {statistics.median(dropped):.0f}")
-    print(f"ratio async/sync (loop): {y / s:.2f}")
+            for i, (name, (recipe, *extra)) in enumerate(VARIANTS.items()):
+                if recipe == "grpo-async.py":
+                    extra.append(f"mode.max_staleness={a.max_staleness}")
+                loop, total, final = run(recipe, Path(tmp) / f"{i}_{r}", a, *extra)
+                loops[name].append(loop)
+                totals[name].append(total)
+                if recipe == "grpo-async.py":
+                    dropped.append(final.get("samples_dropped", 0))
+    base = statistics.median(loops["sync (local)"])
+    print(f"{a.steps} optimizer steps of the quick start, {a.rounds} round(s), async max_staleness={a.max_staleness}")
+    for name in VARIANTS:
+        loop = statistics.median(loops[name])
+        note = f" | samples dropped {statistics.median(dropped):.0f}" if name == "async" else ""
+        print(f"{name:30s}: loop {loop:6.1f} s | process {statistics.median(totals[name]):6.1f} s "
+              f"| ratio to sync (loop) {loop / base:5.2f}{note}")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,6 @@ def main(cfg: DictConfig) -> None:
     logger = MetricsLogger(run.run_dir, backend=cfg.logger, project=cfg.wandb.project,
                            run_name=cfg.wandb.run_name, config=OmegaConf.to_container(cfg, resolve=True),
                            total_steps=cfg.train.max_steps, start_step=step)
-    t_start = time.perf_counter()
     # The actors start from the checkpoint's weights (its directory is a Hugging Face model dir)
     # and each continues its prompt stream after the last batch the trainer took from it
     # (pool.consumed, saved in checkpoints), so no prompt is skipped or trained twice.
@@ -92,6 +91,7 @@ def main(cfg: DictConfig) -> None:
                             model_path=str(resume_from) if resume_from else None,
                             start_states={int(i): {**s, "version": version} for i, s in collectors.items()})
     pool.version = version
+    t_start = time.perf_counter()  # like grpo-sync.py: the loop, after the collectors are up
     try:
         if cfg.eval.before_after and before is None:  # the collectors are generating meanwhile
             first = held_out_eval()
