@@ -112,9 +112,14 @@ class RolloutWorker:
         # Each collector walks its own seeded permutation of the training rows.
         self.stream = PromptStream(load_split(cfg.env, "train"), cfg.env.num_prompts, seed=seed,
                                    shuffle=cfg.env.shuffle)
-        self.rollout = GroupRollout(self.model, tokenizer, renderer_from_config(cfg.env, tokenizer),
-                                    build_reward(cfg.reward), generation_kwargs(cfg.generation), cfg.env.group_size,
-                                    self.stream, keep_rollout_log_probs=self.loss_fn.needs_rollout_log_probs)
+        parts = (self.model, tokenizer, renderer_from_config(cfg.env, tokenizer), build_reward(cfg.reward),
+                 generation_kwargs(cfg.generation), cfg.env.group_size, self.stream)
+        if cfg.rollout.engine == "collector":  # TorchRL's LLMCollector over a DatasetChatEnv, in the actor
+            from grpo_utils.collector_rollout import CollectorRollout
+
+            self.rollout = CollectorRollout(*parts)
+        else:
+            self.rollout = GroupRollout(*parts, keep_rollout_log_probs=self.loss_fn.needs_rollout_log_probs)
         self.micro_batch_size = cfg.train.optim_batch_size // cfg.train.grad_accum_steps
         self.timeout_s = float(cfg.mode.get("actor_timeout_s", 120.0))
         self.worker_index = worker_index

@@ -107,10 +107,6 @@ def check_mode_options(cfg: DictConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-    engine = OmegaConf.select(cfg, "rollout.engine", default="direct")
-    if uses_ray(cfg) and engine != "direct":
-        raise ValueError(f"rollout.engine={engine} cannot run in Ray collector actors; "
-                         "use rollout.engine=direct")
 
 
 def plan_resources(cfg: DictConfig, trainer_device: torch.device,

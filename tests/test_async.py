@@ -175,9 +175,6 @@ def test_mode_options_name_the_misplaced_key():
         check_mode_options(cfg("sync", ray="yes"))
     with pytest.raises(ValueError, match=r"^mode.weight_sync='nccl' is unknown; expected one of object_store, "):
         check_mode_options(cfg("async", weight_sync="nccl"))
-    bad_engine = OmegaConf.merge(cfg("sync", ray=True), {"rollout": {"engine": "collector"}})
-    with pytest.raises(ValueError, match=r"^rollout.engine=collector cannot run in Ray collector actors"):
-        check_mode_options(bad_engine)
     check_mode_options(cfg("sync"))  # the defaults are valid
 
 
@@ -337,3 +334,13 @@ def test_async_restarts_a_dead_collector_then_stops_when_restarts_run_out(env, t
     train = train_lines(run_dir)
     # Two actors' lifetimes of 2 batches each (2 steps per batch): more than one actor alone made.
     assert train[-1]["step"] == 8 and train[-1]["collector_restarts"] == 1, [r["step"] for r in train]
+
+
+def test_torchrl_collector_engine_runs_inside_the_ray_actor(env, tiny_dir, tmp_path):
+    run_dir = tmp_path / "engine"
+    run_async(env, *sync_ray_overrides(tiny_dir, run_dir, "train.max_steps=4", "eval.before_after=false",
+                                       "rollout.engine=collector"), recipe=SYNC_RECIPE)
+    train = train_lines(run_dir)
+    assert [r["staleness/max"] for r in train] == [0, 0, 0, 0]
+    assert [r["policy_version"] for r in train] == [0, 0, 1, 1]
+    assert all(0.0 <= r["reward/mean"] <= 1.0 and r["response_length/mean"] > 0 for r in train)
