@@ -344,3 +344,22 @@ def test_torchrl_collector_engine_runs_inside_the_ray_actor(env, tiny_dir, tmp_p
     assert [r["staleness/max"] for r in train] == [0, 0, 0, 0]
     assert [r["policy_version"] for r in train] == [0, 0, 1, 1]
     assert all(0.0 <= r["reward/mean"] <= 1.0 and r["response_length/mean"] > 0 for r in train)
+
+
+@pytest.mark.parametrize("extra", [
+    # KL in the reward: the trainer (which holds the reference) assigns the advantages.
+    ("loss.kl_coef=0.1", "loss.kl_in=reward"),
+    # Sampler-vs-trainer correction and DAPO shaping, all applied in the actor.
+    ("loss=dapo", "loss.is_correction=truncate"),
+])
+def test_async_with_reference_kl_and_off_policy_corrections(env, tiny_dir, tmp_path, extra):
+    run_dir = tmp_path / "variants"
+    run_async(env, *tiny_overrides(tiny_dir, run_dir, "train.max_steps=4", "eval.before_after=false",
+                                   "mode.max_staleness=2", *extra))
+    train = train_lines(run_dir)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    if "loss.kl_in=reward" in extra:
+        assert all("kl_reward_penalty/mean" in r for r in train)
+    else:
+        # The actor sent its sampler log-probs (first token repaired): the gap is small, not missing.
+        assert all(0 <= r["mismatch_kl"] < 0.05 for r in train), [r.get("mismatch_kl") for r in train]
