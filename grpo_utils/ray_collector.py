@@ -109,9 +109,10 @@ class RolloutWorker:
             self.loss_fn = build_loss(loss_cfg)
         self.cfg = cfg
         self.assign_advantages = assign_advantages
-        # Each collector walks its own seeded permutation of the training rows.
-        self.stream = PromptStream(load_split(cfg.env, "train"), cfg.env.num_prompts, seed=seed,
-                                   shuffle=cfg.env.shuffle)
+        # Each collector walks its own seeded permutation of the training rows; collector 0 the
+        # same one as the local loop, so a run can switch between mode.ray=false/true on resume.
+        self.stream = PromptStream(load_split(cfg.env, "train"), cfg.env.num_prompts,
+                                   seed=cfg.seed + 1000 * worker_index, shuffle=cfg.env.shuffle)
         parts = (self.model, tokenizer, renderer_from_config(cfg.env, tokenizer), build_reward(cfg.reward),
                  generation_kwargs(cfg.generation), cfg.env.group_size, self.stream)
         if cfg.rollout.engine == "collector":  # TorchRL's LLMCollector over a DatasetChatEnv, in the actor
@@ -391,9 +392,11 @@ class RayRollout:
         return {"collector": self.pool.consumed.get(0)}
 
     def load_data_state(self, state: dict) -> None:
-        if state.get("collector") is not None:
-            self.pool.consumed[0] = state["collector"]
-            self.pool._get(self.pool.actors[0].load_state.remote(state["collector"]), what="load its state")
+        """Accepts this class's state or the local loop's (a bare prompt-stream position)."""
+        collector = state.get("collector") if "collector" in state else {"prompts": state, "rng": None, "version": 0}
+        if collector is not None:
+            self.pool.consumed[0] = collector
+            self.pool._get(self.pool.actors[0].load_state.remote(collector), what="load its state")
 
     def close(self) -> None:
         self.pool.close()

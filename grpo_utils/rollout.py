@@ -121,7 +121,12 @@ class GroupRollout:
         """Position of the next prompts this rollout will train on (saved in checkpoints)."""
         return self.stream.state_dict()
 
-    def load_data_state(self, state: dict[str, int]) -> None:
+    def load_data_state(self, state: dict) -> None:
+        """Accepts this class's state or a Ray rollout's (``mode.ray=true`` checkpoints)."""
+        if "collector" in state:
+            if state["collector"] is None:
+                return
+            state = state["collector"]["prompts"]
         self.stream.load_state_dict(state)
 
     @torch.no_grad()

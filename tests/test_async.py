@@ -363,3 +363,19 @@ def test_async_with_reference_kl_and_off_policy_corrections(env, tiny_dir, tmp_p
     else:
         # The actor sent its sampler log-probs (first token repaired): the gap is small, not missing.
         assert all(0 <= r["mismatch_kl"] < 0.05 for r in train), [r.get("mismatch_kl") for r in train]
+
+
+def test_local_sync_checkpoint_resumes_on_ray_at_the_same_prompt_position(env, tiny_dir, tmp_path):
+    import torch
+
+    run_dir = tmp_path / "switch"
+    common = ("eval.before_after=false", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null")
+    local = [o for o in sync_ray_overrides(tiny_dir, run_dir, *common) if o != "mode.ray=true"]
+    run_async(env, *local, "train.max_steps=2", recipe=SYNC_RECIPE)
+    run_async(env, *sync_ray_overrides(tiny_dir, run_dir, *common, "train.max_steps=4", "resume=true"),
+              recipe=SYNC_RECIPE)
+    load = lambda n: torch.load(run_dir / "checkpoints" / f"step_{n}" / "trainer_state.pt", weights_only=False)  # noqa: E731
+    before, after = load(2)["prompts"], load(4)["prompts"]["collector"]["prompts"]
+    # One more batch of env.num_prompts=2 prompts, drawn from the same permutation.
+    assert (after["epoch"], after["position"]) == (before["epoch"], before["position"] + 2)
+    assert [r["step"] for r in train_lines(run_dir)] == [1, 2, 3, 4]

@@ -62,7 +62,8 @@ def main(cfg: DictConfig) -> None:
         state = ckpt.load_trainer_state(resume_from)
         trainer.load_state_dict(state["trainer"])
         step, before, saved = state["step"], state.get("heldout_accuracy_before"), state["step"]
-        version, collectors = state["policy_version"], state["collectors"]
+        # A sync checkpoint resumes too (weights, optimizer); its collectors start fresh streams.
+        version, collectors = state.get("policy_version", 0), state.get("collectors", {})
         ckpt.restore_rng_state(state["rng"])
         print(f"Resumed from {resume_from} at step {step}")
 

@@ -67,7 +67,8 @@ def main(cfg: DictConfig) -> None:
         trainer.load_state_dict(state["trainer"])
         step, before, saved = state["step"], state.get("heldout_accuracy_before"), state["step"]
         version = state.get("policy_version", 0)
-        rollout.load_data_state(state["prompts"])
+        if "prompts" in state:  # an async checkpoint has per-collector streams instead
+            rollout.load_data_state(state["prompts"])
         rollout.sync_weights(model, version)
         ckpt.restore_rng_state(state["rng"])
         print(f"Resumed from {resume_from} at step {step}")
