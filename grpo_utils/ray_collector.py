@@ -99,14 +99,7 @@ class RolloutWorker:
         use_gpu = cfg.mode.get("collector_gpus", 0) and torch.cuda.is_available()
         self.model, tokenizer, _ = load_policy(cfg.model, torch.device("cuda" if use_gpu else "cpu"))
         self.model.eval()
-        loss_cfg = OmegaConf.to_container(cfg.loss, resolve=True)
-        target = loss_cfg.pop("_target_", None)
-        if target:
-            import hydra
-
-            self.loss_fn = hydra.utils.get_class(target)(**loss_cfg)
-        else:
-            self.loss_fn = build_loss(loss_cfg)
+        self.loss_fn = build_loss(cfg.loss)  # the trainer's loss: its rollout shaping and reward-side terms
         self.cfg = cfg
         self.assign_advantages = assign_advantages
         # Each collector walks its own seeded permutation of the training rows; collector 0 the
