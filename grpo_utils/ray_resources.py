@@ -21,6 +21,7 @@ SHARED_DEFAULTS = {
     "actor_timeout_s": 120.0,    # longest wait on any actor/queue call before the run stops
     "weight_sync": "object_store",  # how weights reach the collectors: object_store | collective
     "max_restarts": 0,           # collector actors that die are restarted this many times in all, then the run stops
+    "ray_address": None,         # null: a local cluster sized to the plan; "auto" or host:port: join a running one
 }
 SYNC_DEFAULTS = {
     "ray": False,                # true: generate in a Ray collector actor with its own copy of the policy
@@ -100,6 +101,9 @@ def check_mode_options(cfg: DictConfig) -> None:
          f"mode.weight_sync={mode_opt(cfg, 'weight_sync')!r} is unknown; expected one of {', '.join(WEIGHT_SYNCS)}"),
         (isinstance(mode_opt(cfg, "max_restarts"), int) and mode_opt(cfg, "max_restarts") >= 0,
          f"mode.max_restarts={mode_opt(cfg, 'max_restarts')} must be an integer >= 0"),
+        (mode_opt(cfg, "ray_address") is None or (isinstance(mode_opt(cfg, "ray_address"), str)
+                                                   and mode_opt(cfg, "ray_address").strip() != ""),
+         f"mode.ray_address={mode_opt(cfg, 'ray_address')!r} must be null, auto or host:port"),
         (mode_opt(cfg, "max_restarts") == 0 or mode_opt(cfg, "weight_sync") == "object_store",
          f"mode.max_restarts={mode_opt(cfg, 'max_restarts')} needs mode.weight_sync=object_store "
          "(a restarted actor cannot join a running broadcast group)"),
@@ -111,7 +115,9 @@ def check_mode_options(cfg: DictConfig) -> None:
 
 def plan_resources(cfg: DictConfig, trainer_device: torch.device,
                    available_gpus: int | None = None) -> ResourcePlan:
-    """The plan, or ``ValueError`` with one line saying what is short."""
+    """The plan, or ``ValueError`` with one line saying what is short. With ``mode.ray_address``
+    the collectors run on the joined cluster (checked by :func:`start_ray`), so only the trainer
+    must fit this machine."""
     cluster_cpus = mode_opt(cfg, "cluster_cpus") or os.cpu_count() or 1
     gpus = torch.cuda.device_count() if available_gpus is None else available_gpus
     plan = ResourcePlan(cluster_cpus=int(cluster_cpus), cluster_gpus=gpus,
@@ -121,13 +127,14 @@ def plan_resources(cfg: DictConfig, trainer_device: torch.device,
                         trainer_device_index=trainer_device.index or 0,
                         trainer_cpus=int(mode_opt(cfg, "trainer_cpus")),
                         trainer_gpus=int(trainer_device.type == "cuda"))
-    need_cpus = plan.ray_cpus + plan.trainer_cpus
+    external = mode_opt(cfg, "ray_address") is not None
+    need_cpus = plan.ray_cpus * (not external) + plan.trainer_cpus
     if need_cpus > plan.cluster_cpus:
         raise ValueError(
             f"not enough CPUs: mode.num_collectors={plan.num_collectors} x mode.collector_cpus={plan.collector_cpus:g}"
             f" + mode.trainer_cpus={plan.trainer_cpus} = {need_cpus:g} CPUs, but the machine has {plan.cluster_cpus}"
             f" (short by {need_cpus - plan.cluster_cpus:g})")
-    need_gpus = plan.ray_gpus + plan.trainer_gpus
+    need_gpus = plan.ray_gpus * (not external) + plan.trainer_gpus
     if need_gpus > plan.cluster_gpus:
         raise ValueError(
             f"not enough GPUs: mode.num_collectors={plan.num_collectors} x mode.collector_gpus={plan.collector_gpus:g}"
@@ -136,20 +143,55 @@ def plan_resources(cfg: DictConfig, trainer_device: torch.device,
     return plan
 
 
-def init_ray(plan: ResourcePlan) -> None:
-    """A fresh local Ray cluster with exactly the planned resources (no dashboard, no usage stats)."""
+def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
+    """Without ``address``: a fresh local Ray cluster with exactly the planned resources. With it:
+    join that running cluster (e.g. one started across the nodes of an sbatch job) after checking
+    it has room for the collectors; the cluster is left running at the end, only our actors go."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if plan.ray_gpus and plan.trainer_gpus:
-        # Ray hands out GPU ids from CUDA_VISIBLE_DEVICES: hide the trainer's so no collector shares it.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(collector_gpu_ids(plan.trainer_device_index,
-                                                                        plan.cluster_gpus))
-    ray.init(address="local", num_cpus=math.ceil(plan.ray_cpus), num_gpus=math.ceil(plan.ray_gpus),
-             include_dashboard=False, logging_level="WARNING", log_to_driver=True, configure_logging=True)
+    if address is None:
+        if plan.ray_gpus and plan.trainer_gpus:
+            # Ray hands out GPU ids from CUDA_VISIBLE_DEVICES: hide the trainer's so no collector shares it.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(collector_gpu_ids(plan.trainer_device_index,
+                                                                            plan.cluster_gpus))
+        ray.init(address="local", num_cpus=math.ceil(plan.ray_cpus), num_gpus=math.ceil(plan.ray_gpus),
+                 include_dashboard=False, logging_level="WARNING", log_to_driver=True, configure_logging=True)
+    else:
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True, configure_logging=True)
+        except ConnectionError as e:
+            hint = ("" if os.environ.get("RAY_AUTH_MODE")
+                    else " (a cluster with token authentication needs RAY_AUTH_MODE=token here too)")
+            raise ValueError(f"cannot join the Ray cluster at mode.ray_address={address}: "
+                             f"{str(e).strip().splitlines()[0]}{hint}") from None
+        free = ray.available_resources()
+        for name, need in (("CPU", plan.ray_cpus), ("GPU", plan.ray_gpus)):
+            have = free.get(name, 0.0)
+            if need > have:
+                ray.shutdown()
+                raise ValueError(f"not enough {name}s in the Ray cluster at mode.ray_address={address}: "
+                                 f"mode.num_collectors={plan.num_collectors} x mode.collector_{name.lower()}s="
+                                 f"{need / plan.num_collectors:g} = {need:g}, but {have:g} are free "
+                                 f"(short by {need - have:g})")
     from grpo_utils.setup import exit_on_sigterm
 
     exit_on_sigterm()
+
+
+def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
+    """Why ``host:port`` does not accept a TCP connection, or None (also for "auto" and URLs,
+    which Ray resolves itself)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as e:
+        return f"nothing answers at {host}:{port} ({e.strerror or e})"
 
 
 def collector_gpu_ids(trainer_index: int, total: int) -> list[str]:
@@ -160,7 +202,8 @@ def collector_gpu_ids(trainer_index: int, total: int) -> list[str]:
 
 
 def shutdown_ray(actors: list) -> None:
-    """Kill ``actors`` (ignoring those already dead), then stop the local cluster."""
+    """Kill ``actors`` (ignoring those already dead), then stop the local cluster (or disconnect
+    from a joined one)."""
     import ray
 
     if not ray.is_initialized():

@@ -19,6 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 from grpo_utils.config import ConfigError, resolve_device, seed_everything, validate
 from grpo_utils.data import DataError, PromptRenderer, PromptStream, Rows, load_split, renderer_from_config
 from grpo_utils.losses import build_loss
+from grpo_utils.ray_resources import unreachable
 from grpo_utils.rewards import RewardFunction, build_reward
 from grpo_utils.rollout import GroupRollout
 
@@ -41,6 +42,10 @@ def start_run(cfg: DictConfig, mode: str) -> Run:
         sys.exit(f"config error: {e}")
     except MissingMandatoryValue as e:
         sys.exit(f"config error: {e.full_key} is required (it is ??? in the config); set it with {e.full_key}=...")
+    address = OmegaConf.select(cfg, "mode.ray_address")
+    problem = unreachable(address) if address else None
+    if problem:  # before any model is loaded; ray.init itself would retry for minutes
+        sys.exit(f"config error: cannot join the Ray cluster at mode.ray_address={address}: {problem}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
@@ -115,13 +120,14 @@ def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, re
 
 def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, model: torch.nn.Module | None = None,
                      model_path: str | None = None, start_states: dict[int, dict] | None = None):
-    """Plan the resources, start a local Ray cluster sized to the plan and the collector actors
+    """Plan the resources, start a local Ray cluster sized to the plan (or join ``mode.ray_address``)
+    and the collector actors
     (built from ``model_path``, default ``model.name``). Exits with one line if the machine is short
     or an actor cannot start; the returned pool's ``close()`` stops everything it started.
     ``model`` (the trainer's) is what a restarted actor gets its weights from."""
     from grpo_utils.models import resolve_model_path
     from grpo_utils.ray_collector import CollectorFailed, CollectorPool
-    from grpo_utils.ray_resources import init_ray, mode_opt, plan_resources, shutdown_ray
+    from grpo_utils.ray_resources import mode_opt, plan_resources, shutdown_ray, start_ray
     from grpo_utils.weight_sync import make_weight_sync
 
     try:
@@ -133,7 +139,10 @@ def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, mod
     actor_cfg = OmegaConf.to_container(cfg, resolve=True)
     # builtin:quickstart is built once, here, not in every actor.
     actor_cfg["model"]["name"] = model_path or resolve_model_path(cfg.model.name)
-    init_ray(plan)
+    try:
+        start_ray(plan, mode_opt(cfg, "ray_address"))
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
     try:
         sync = make_weight_sync(mode_opt(cfg, "weight_sync"), num_receivers=plan.num_collectors, device=device,
                                 timeout_s=float(mode_opt(cfg, "actor_timeout_s")))

@@ -379,3 +379,56 @@ def test_local_sync_checkpoint_resumes_on_ray_at_the_same_prompt_position(env, t
     # One more batch of env.num_prompts=2 prompts, drawn from the same permutation.
     assert (after["epoch"], after["position"]) == (before["epoch"], before["position"] + 2)
     assert [r["step"] for r in train_lines(run_dir)] == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def external_cluster(env):
+    """A Ray cluster started the way a multi-node job starts its head node (1 CPU here)."""
+    import shutil
+    import socket
+
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**env, "RAY_AUTH_MODE": "token"}  # as slurm/grpo-ray.sbatch runs it: the token in ~/.ray on every client
+    start = subprocess.run([ray_cli, "start", "--head", f"--port={port}",
+                            "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_joins_a_running_cluster_and_leaves_it_running(tiny_dir, tmp_path, external_cluster):
+    external_cluster, env = external_cluster
+    run_dir = tmp_path / "joined"
+    run_async(env, *sync_ray_overrides(tiny_dir, run_dir, "train.max_steps=2", "eval.before_after=false",
+                                       f"mode.ray_address={external_cluster}"), recipe=SYNC_RECIPE)
+    assert [r["step"] for r in train_lines(run_dir)] == [1, 2]
+    # The cluster is not ours to stop: it still answers, with its CPU free again.
+    probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='" + external_cluster + "',"
+                            " logging_level='ERROR'); print(ray.available_resources().get('CPU'))"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip().splitlines()[-1] == "1.0", probe.stderr[-2000:]
+    short = run_async(env, *sync_ray_overrides(tiny_dir, tmp_path / "short", f"mode.ray_address={external_cluster}",
+                                               "mode.collector_cpus=2"), recipe=SYNC_RECIPE, check=False)
+    last = short.stderr.strip().splitlines()[-1]
+    assert last == (f"config error: not enough CPUs in the Ray cluster at mode.ray_address={external_cluster}: "
+                    "mode.num_collectors=1 x mode.collector_cpus=2 = 2, but 1 are free (short by 1)"), last
+
+
+def test_unreachable_cluster_is_a_one_line_error(env, tiny_dir, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = run_async({**env, "RAY_AUTH_MODE": "disabled"},
+                     *sync_ray_overrides(tiny_dir, tmp_path / "nowhere", f"mode.ray_address=127.0.0.1:{port}"),
+                     recipe=SYNC_RECIPE, check=False, timeout=60)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and not (tmp_path / "nowhere" / "metrics.jsonl").exists() and last.startswith(
+        f"config error: cannot join the Ray cluster at mode.ray_address=127.0.0.1:{port}: "), last
