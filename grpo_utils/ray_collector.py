@@ -124,7 +124,6 @@ class RolloutWorker:
         self.version = 0
         self._cond = threading.Condition()
         self._pending: tuple[int, dict] | None = None
-        self._stop = False
         if start:
             self.load_state(start)
 
@@ -147,9 +146,6 @@ class RolloutWorker:
         with self._cond:
             self._pending = (version, state)
             self._cond.notify_all()
-
-    def stop(self) -> None:
-        self._stop = True
 
     def _apply_pending(self, min_version: int) -> None:
         """Load the newest received weights; wait (bounded) until they are at least ``min_version``."""
@@ -187,12 +183,12 @@ class RolloutWorker:
                 "stats": stats, "worker": self.worker_index,
                 "state": {"prompts": self.stream.state_dict(), "rng": capture_rng_state(), "version": self.version}}
 
-    def run(self) -> int:
-        """Generate into the queue until stopped; returns the number of batches pushed."""
-        while not self._stop:
+    def run(self) -> None:
+        """Generate into the queue until the actor is killed."""
+        while True:
             payload = self.collect_batch()
             deadline = time.monotonic() + self.timeout_s
-            while not self._stop:
+            while True:
                 try:
                     # The queue actor itself enforces the 1 s timeout; the ray.get bound is a backstop.
                     ray.get(self.queue.actor.put.remote(payload, 1.0), timeout=30)
@@ -201,7 +197,6 @@ class RolloutWorker:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"collector {self.worker_index}: queue full for "
                                            f"{self.timeout_s:g}s (trainer not pulling)") from None
-        return self.batches
 
 
 def make_collector_class(num_cpus: float, num_gpus: float):
@@ -230,21 +225,21 @@ class CollectorPool:
         self.queue = Queue(maxsize=buffer_size, actor_options={"num_cpus": 0}) if streaming else None
         self.actor_class = make_collector_class(plan.collector_cpus, plan.collector_gpus)
         self.actors = [self._new_actor(i) for i in range(plan.num_collectors)]
-        self._get(*(a.ready.remote() for a in self.actors), what="start")
+        self.wait_for(*(a.ready.remote() for a in self.actors), what="start")
         try:
             weight_sync.connect(self.actors)
         except RuntimeError as e:
             raise CollectorFailed(f"weight sync could not connect: {e}") from None
         self.runs = {a.run.remote(): i for i, a in enumerate(self.actors)} if streaming else {}
 
-    def _new_actor(self, index: int):
+    def _new_actor(self, index: int, start: dict | None = None):
         return self.actor_class.remote(self.cfg, index, self.weight_sync.receiver(index), self.queue,
-                                       self.consumed.get(index))
+                                       start or self.consumed.get(index))
 
     def all_actors(self) -> list:
         return [*self.actors, *([self.queue.actor] if self.queue is not None else [])]
 
-    def _get(self, *refs, what: str):
+    def wait_for(self, *refs, what: str):
         try:
             return ray.get(list(refs), timeout=self.timeout_s)
         except ray.exceptions.RayActorError as e:
@@ -271,9 +266,9 @@ class CollectorPool:
             # after the last of them, not after the last one trained on.
             self.backlog += self.queue.get_nowait_batch(self.queue.qsize())
             start = next((b["state"] for b in reversed(self.backlog) if b["worker"] == index), start)
-        actor = self.actor_class.remote(self.cfg, index, self.weight_sync.receiver(index), self.queue, start)
+        actor = self._new_actor(index, start)
         self.actors[index] = actor
-        self._get(actor.ready.remote(), what="restart")
+        self.wait_for(actor.ready.remote(), what="restart")
         if self.version > 0 and self.model is not None:
             self.push_weights(self.model, self.version, [actor])
         if self.streaming:
@@ -288,7 +283,7 @@ class CollectorPool:
         """The payload of a :meth:`request`; a dead actor is restarted (if allowed) and asked again."""
         while True:
             try:
-                payload = self._get(ref, what="collect a batch")[0]
+                payload = self.wait_for(ref, what="collect a batch")[0]
                 break
             except CollectorDied as e:
                 self.restart(worker, f"died ({e})")
@@ -389,7 +384,7 @@ class RayRollout:
         collector = state.get("collector") if "collector" in state else {"prompts": state, "rng": None, "version": 0}
         if collector is not None:
             self.pool.consumed[0] = collector
-            self.pool._get(self.pool.actors[0].load_state.remote(collector), what="load its state")
+            self.pool.wait_for(self.pool.actors[0].load_state.remote(collector), what="load its state")
 
     def close(self) -> None:
         self.pool.close()

@@ -287,8 +287,11 @@ def test_interrupted_run_checkpoints_the_step_reached_and_leaves_no_ray_process(
         if mode == "sync_local":
             overrides = [o for o in overrides if o != "mode.ray=true"]
     before = ray_daemons()
+    # A shell's background job inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the run the default disposition, as a terminal would.
     proc = subprocess.Popen([sys.executable, str(recipe), "num_threads=1", *overrides], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and proc.poll() is None:
         if (run_dir / "metrics.jsonl").exists() and len(train_lines(run_dir)) >= 3:
