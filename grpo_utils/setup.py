@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 from grpo_utils.config import ConfigError, resolve_device, seed_everything, validate
 from grpo_utils.data import DataError, PromptRenderer, PromptStream, Rows, load_split, renderer_from_config
 from grpo_utils.losses import build_loss
-from grpo_utils.ray_resources import unreachable
+from grpo_utils.ray_resources import mode_opt, plan_resources, unreachable, uses_ray
 from grpo_utils.rewards import RewardFunction, build_reward
 from grpo_utils.rollout import GroupRollout
 
@@ -42,15 +42,21 @@ def start_run(cfg: DictConfig, mode: str) -> Run:
         sys.exit(f"config error: {e}")
     except MissingMandatoryValue as e:
         sys.exit(f"config error: {e.full_key} is required (it is ??? in the config); set it with {e.full_key}=...")
-    address = OmegaConf.select(cfg, "mode.ray_address")
-    problem = unreachable(address) if address else None
-    if problem:  # before any model is loaded; ray.init itself would retry for minutes
-        sys.exit(f"config error: cannot join the Ray cluster at mode.ray_address={address}: {problem}")
+    device = resolve_device(cfg.device)
+    if uses_ray(cfg):  # before any model is loaded: does the machine (or cluster) fit the plan?
+        address = mode_opt(cfg, "ray_address")
+        try:
+            plan_resources(cfg, device)
+            problem = unreachable(address) if address else None  # ray.init would retry for minutes
+        except ValueError as e:
+            sys.exit(f"config error: {e}")
+        if problem:
+            sys.exit(f"config error: cannot join the Ray cluster at mode.ray_address={address}: {problem}")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     exit_on_sigterm()
-    return Run(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir), device=resolve_device(cfg.device))
+    return Run(cfg=cfg, run_dir=Path(HydraConfig.get().runtime.output_dir), device=device)
 
 
 def make_loss(loss_cfg: DictConfig) -> torch.nn.Module:
@@ -100,8 +106,7 @@ def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, re
                  stream: PromptStream, keep_rollout_log_probs: bool = False, device: torch.device | None = None):
     """``rollout.engine=direct`` (one batched TransformersWrapper call) or ``collector``
     (TorchRL's LLMCollector over a DatasetChatEnv); both yield the same batches. With
-    ``mode.ray=true`` the direct engine runs in a Ray collector actor instead (:class:`RayRollout`)."""
-    from grpo_utils.ray_resources import mode_opt
+    ``mode.ray=true`` either engine runs in a Ray collector actor instead (:class:`RayRollout`)."""
     from grpo_utils.rollout import generation_kwargs
 
     if mode_opt(cfg, "ray"):
@@ -120,14 +125,13 @@ def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, re
 
 def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, model: torch.nn.Module | None = None,
                      model_path: str | None = None, start_states: dict[int, dict] | None = None):
-    """Plan the resources, start a local Ray cluster sized to the plan (or join ``mode.ray_address``)
-    and the collector actors
-    (built from ``model_path``, default ``model.name``). Exits with one line if the machine is short
-    or an actor cannot start; the returned pool's ``close()`` stops everything it started.
+    """Start a local Ray cluster sized to the plan (or join ``mode.ray_address``) and the collector
+    actors, built from ``model_path`` (default ``model.name``). Exits with one line if the cluster is
+    short or an actor cannot start; the returned pool's ``close()`` stops everything it started.
     ``model`` (the trainer's) is what a restarted actor gets its weights from."""
     from grpo_utils.models import resolve_model_path
     from grpo_utils.ray_collector import CollectorFailed, CollectorPool
-    from grpo_utils.ray_resources import mode_opt, plan_resources, shutdown_ray, start_ray
+    from grpo_utils.ray_resources import shutdown_ray, start_ray
     from grpo_utils.weight_sync import make_weight_sync
 
     try:

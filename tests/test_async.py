@@ -435,3 +435,12 @@ def test_unreachable_cluster_is_a_one_line_error(env, tiny_dir, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and not (tmp_path / "nowhere" / "metrics.jsonl").exists() and last.startswith(
         f"config error: cannot join the Ray cluster at mode.ray_address=127.0.0.1:{port}: "), last
+
+
+def test_short_machine_fails_before_any_model_loads(env, tmp_path):
+    proc = run_async(env, "mode=async", f"hydra.run.dir={tmp_path / 'short'}", "mode.num_collectors=4", "mode.cluster_cpus=2",
+                     "model.name=/nonexistent/model", check=False, timeout=60)
+    last = proc.stderr.strip().splitlines()[-1]
+    # The plan is checked before the (here missing) model would be loaded.
+    assert last.startswith("config error: not enough CPUs: mode.num_collectors=4 x mode.collector_cpus=1"), last
+    assert not (tmp_path / "short" / "metrics.jsonl").exists()
