@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,6 +49,9 @@ class PolicyTrainer:
         self.ref_model = ref_model
         self.temperature = temperature
         self.grad_accum_steps = train_cfg.grad_accum_steps
+        # Only train_on_batch uses these (unit tests drive optimizer_step with partial configs).
+        self.optim_batch_size = train_cfg.get("optim_batch_size")
+        self.epochs = train_cfg.get("epochs", 1)
         self.max_grad_norm = train_cfg.max_grad_norm
         self.optimizer = make_optimizer(model, train_cfg.lr, train_cfg.weight_decay,
                                         tuple(train_cfg.betas), train_cfg.adam_eps)
@@ -111,6 +115,23 @@ class PolicyTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums.update({"grad_norm": grad_norm.item(), "lr": lr, "time/train_s": time.perf_counter() - t0})
         return sums
+
+    def train_on_batch(self, batch: TensorDict, generate_s: float) -> Iterator[dict[str, float]]:
+        """``train.epochs`` passes over one scored batch in ``optim_batch_size`` mini-batches drawn
+        without replacement from a TorchRL replay buffer; yields each optimizer step's metrics
+        (with ``tokens_per_s`` over generation plus training so far). Stop iterating to stop early."""
+        from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
+
+        # A fresh buffer per batch: sequence widths change from batch to batch.
+        buffer = ReplayBuffer(storage=LazyTensorStorage(len(batch)), sampler=SamplerWithoutReplacement(),
+                              batch_size=self.optim_batch_size)
+        buffer.extend(batch)
+        t_train, tokens = 0.0, batch["response_mask"].sum().item()
+        for _ in range(self.epochs * len(batch) // self.optim_batch_size):
+            metrics = self.optimizer_step(buffer.sample())
+            t_train += metrics["time/train_s"]
+            metrics["tokens_per_s"] = tokens / (generate_s + t_train)
+            yield metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -16,7 +16,6 @@ import time
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
 
 from grpo_utils import checkpoint as ckpt
 from grpo_utils.advantages import assign_advantages
@@ -51,8 +50,6 @@ def main(cfg: DictConfig) -> None:
     renderer = make_renderer(cfg.env, tokenizer, train_rows[0])
     trainer = PolicyTrainer(model, loss_fn, cfg.train, cfg.generation.temperature, ref_model)
 
-    rollout_size = cfg.env.num_prompts * cfg.env.group_size
-    updates_per_rollout = cfg.train.epochs * rollout_size // cfg.train.optim_batch_size
     micro_batch_size = cfg.train.optim_batch_size // cfg.train.grad_accum_steps
     max_staleness, push_every = mode_opt(cfg, "max_staleness"), mode_opt(cfg, "weight_update_frequency")
 
@@ -116,17 +113,10 @@ def main(cfg: DictConfig) -> None:
                                            cfg.advantage.eps, cfg.env.group_size)
             stats |= staleness_stats(ages) | {"buffer/size": queue_size, "samples_dropped": dropped,
                                               "collector": payload["worker"], "collector_restarts": pool.restarts}
-            buffer = ReplayBuffer(storage=LazyTensorStorage(rollout_size), sampler=SamplerWithoutReplacement(),
-                                  batch_size=cfg.train.optim_batch_size)
-            buffer.extend(batch)
             last_saved = step // cfg.checkpoint.every_n_steps if cfg.checkpoint.every_n_steps else 0
-            t_train, tokens = 0.0, batch["response_mask"].sum().item()
-            for _ in range(updates_per_rollout):
-                metrics = trainer.optimizer_step(buffer.sample())
+            for metrics in trainer.train_on_batch(batch, stats["time/generate_s"]):
                 step += 1
                 since_push += 1
-                t_train += metrics["time/train_s"]
-                metrics["tokens_per_s"] = tokens / (stats["time/generate_s"] + t_train)
                 logger.log({**stats, **metrics, "policy_version": version}, step=step)
                 if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
                     logger.log_eval(held_out_eval(), step=step)

@@ -12,7 +12,6 @@ import time
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
 
 from grpo_utils import checkpoint as ckpt
 from grpo_utils.advantages import assign_advantages
@@ -106,17 +105,9 @@ def main(cfg: DictConfig) -> None:
             if "advantage" not in batch.keys():  # a Ray collector assigns them itself (unless KL is in the reward)
                 stats |= assign_advantages(batch, loss_fn, cfg.advantage.estimator, cfg.advantage.scale,
                                            cfg.advantage.eps, cfg.env.group_size)
-            # A fresh buffer per rollout: sequence widths change from batch to batch.
-            buffer = ReplayBuffer(storage=LazyTensorStorage(rollout_size), sampler=SamplerWithoutReplacement(),
-                                  batch_size=cfg.train.optim_batch_size)
-            buffer.extend(batch)
             last_saved = step // cfg.checkpoint.every_n_steps if cfg.checkpoint.every_n_steps else 0
-            t_train, tokens = 0.0, batch["response_mask"].sum().item()
-            for _ in range(updates_per_rollout):
-                metrics = trainer.optimizer_step(buffer.sample())
+            for metrics in trainer.train_on_batch(batch, stats["time/generate_s"]):
                 step += 1
-                t_train += metrics["time/train_s"]
-                metrics["tokens_per_s"] = tokens / (stats["time/generate_s"] + t_train)
                 logger.log({**stats, **metrics, "policy_version": version}, step=step)
                 if cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0:
                     logger.log_eval(held_out_eval(), step=step)
