@@ -127,20 +127,21 @@ def plan_resources(cfg: DictConfig, trainer_device: torch.device,
                         trainer_device_index=trainer_device.index or 0,
                         trainer_cpus=int(mode_opt(cfg, "trainer_cpus")),
                         trainer_gpus=int(trainer_device.type == "cuda"))
-    external = mode_opt(cfg, "ray_address") is not None
-    need_cpus = plan.ray_cpus * (not external) + plan.trainer_cpus
-    if need_cpus > plan.cluster_cpus:
-        raise ValueError(
-            f"not enough CPUs: mode.num_collectors={plan.num_collectors} x mode.collector_cpus={plan.collector_cpus:g}"
-            f" + mode.trainer_cpus={plan.trainer_cpus} = {need_cpus:g} CPUs, but the machine has {plan.cluster_cpus}"
-            f" (short by {need_cpus - plan.cluster_cpus:g})")
-    need_gpus = plan.ray_gpus * (not external) + plan.trainer_gpus
-    if need_gpus > plan.cluster_gpus:
-        raise ValueError(
-            f"not enough GPUs: mode.num_collectors={plan.num_collectors} x mode.collector_gpus={plan.collector_gpus:g}"
-            f" + trainer {plan.trainer_gpus} = {need_gpus:g} GPUs, but the machine has {plan.cluster_gpus}"
-            f" (short by {need_gpus - plan.cluster_gpus:g})")
+    external = mode_opt(cfg, "ray_address") is not None  # the collectors then run on the joined cluster
+    p = plan
+    rows = (("CPU", p.collector_cpus, f"mode.trainer_cpus={p.trainer_cpus}", p.trainer_cpus, p.cluster_cpus),
+            ("GPU", p.collector_gpus, f"trainer {p.trainer_gpus}", p.trainer_gpus, p.cluster_gpus))
+    for kind, per_collector, trainer, trainer_need, have in rows:
+        need = (0.0 if external else plan.num_collectors * per_collector) + trainer_need
+        check_room(kind, f"mode.num_collectors={plan.num_collectors} x mode.collector_{kind.lower()}s="
+                   f"{per_collector:g} + {trainer} = {need:g} {kind}s", need, have, f"the machine has {have:g}")
     return plan
+
+
+def check_room(kind: str, asked: str, need: float, have: float, there: str, where: str = "") -> None:
+    """``ValueError``, one line: what was asked (``asked``), what there is (``there``), how much is short."""
+    if need > have:
+        raise ValueError(f"not enough {kind}s{where}: {asked}, but {there} (short by {need - have:g})")
 
 
 def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
@@ -166,14 +167,16 @@ def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
             raise ValueError(f"cannot join the Ray cluster at mode.ray_address={address}: "
                              f"{str(e).strip().splitlines()[0]}{hint}") from None
         free = ray.available_resources()
-        for name, need in (("CPU", plan.ray_cpus), ("GPU", plan.ray_gpus)):
-            have = free.get(name, 0.0)
-            if need > have:
-                ray.shutdown()
-                raise ValueError(f"not enough {name}s in the Ray cluster at mode.ray_address={address}: "
-                                 f"mode.num_collectors={plan.num_collectors} x mode.collector_{name.lower()}s="
-                                 f"{need / plan.num_collectors:g} = {need:g}, but {have:g} are free "
-                                 f"(short by {need - have:g})")
+        try:
+            for kind, per_collector in (("CPU", plan.collector_cpus), ("GPU", plan.collector_gpus)):
+                need = plan.num_collectors * per_collector
+                have = free.get(kind, 0.0)
+                check_room(kind, f"mode.num_collectors={plan.num_collectors} x mode.collector_{kind.lower()}s="
+                           f"{per_collector:g} = {need:g}", need, have, f"{have:g} are free",
+                           where=f" in the Ray cluster at mode.ray_address={address}")
+        except ValueError:
+            ray.shutdown()
+            raise
     from grpo_utils.setup import exit_on_sigterm
 
     exit_on_sigterm()

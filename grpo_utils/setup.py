@@ -189,6 +189,33 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(TERMINATED))
 
 
+def resume_training(resume_from: Path, model: torch.nn.Module, trainer) -> dict:
+    """Load a checkpoint's weights, optimizer/scheduler and RNGs; returns its trainer state (the
+    recipe restores its own parts: step, policy version, prompt streams)."""
+    from grpo_utils import checkpoint as ckpt
+
+    ckpt.load_model_weights(resume_from, model)
+    state = ckpt.load_trainer_state(resume_from)
+    trainer.load_state_dict(state["trainer"])
+    ckpt.restore_rng_state(state["rng"])
+    print(f"Resumed from {resume_from} at step {state['step']}")
+    return state
+
+
+def held_out_evaluator(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
+                       rows: Rows):
+    """A no-argument callable: greedy accuracy on the held-out rows, plus pass@k / maj@k / mean@k
+    when ``eval.k`` > 0."""
+    from grpo_utils.evaluation import evaluate
+
+    def held_out_eval() -> dict[str, float]:
+        return evaluate(model, tokenizer, renderer, reward_fn, rows, k=cfg.eval.k,
+                        temperature=cfg.eval.temperature, top_p=cfg.generation.top_p, top_k=cfg.generation.top_k,
+                        max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+
+    return held_out_eval
+
+
 def find_resume_checkpoint(resume, run_dir: Path) -> Path | None:
     """The checkpoint to resume from (``resume=true``: the run dir's latest, if any), checked
     before any model is loaded."""

@@ -57,6 +57,12 @@ def run_async(env, *overrides: str, recipe: Path = RECIPE, timeout: float = 120,
     return proc
 
 
+def assert_same_training(a: list[dict], b: list[dict]) -> None:
+    """Two runs' training lines agree step by step (rewards, losses, versions, lengths)."""
+    for key in ("reward/mean", "loss", "policy_version", "response_length/mean"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key
+
+
 def tiny_overrides(tiny_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["mode=async", f"model.name={tiny_dir}", f"hydra.run.dir={run_dir}", "env.num_prompts=2",
             "env.group_size=4", "train.optim_batch_size=4", "train.grad_accum_steps=2",
@@ -221,8 +227,7 @@ def test_sync_on_ray_resume_equals_uninterrupted_run(env, tiny_dir, tmp_path):
     run_async(env, *sync_ray_overrides(tiny_dir, part, *common, "resume=true"), recipe=SYNC_RECIPE)
     a, b = train_lines(full), train_lines(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for key in ("reward/mean", "loss", "policy_version", "response_length/mean"):
-        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key
+    assert_same_training(a, b)
 
 
 def test_sync_on_ray_dead_collector_stops_the_run(env, tiny_dir, tmp_path):
@@ -320,8 +325,7 @@ def test_sync_on_ray_restarted_collector_continues_exactly(env, tiny_dir, tmp_pa
     assert "collector actor 0 died" in proc.stdout and "restarting it (1/1)" in proc.stdout
     a, b = train_lines(tmp_path / "full"), train_lines(tmp_path / "restarted")
     assert [r["collector_restarts"] for r in b] == [0, 0, 0, 0, 1, 1]
-    for key in ("reward/mean", "loss", "policy_version", "response_length/mean"):
-        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-5, abs=1e-6), key
+    assert_same_training(a, b)
 
 
 def test_async_restarts_a_dead_collector_then_stops_when_restarts_run_out(env, tiny_dir, tmp_path):

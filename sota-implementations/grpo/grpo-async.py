@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpo_utils import checkpoint as ckpt
 from grpo_utils.advantages import assign_advantages
-from grpo_utils.evaluation import evaluate
 from grpo_utils.metrics import MetricsLogger
 from grpo_utils.models import load_policy, make_reference
 from grpo_utils.ray_collector import payload_to_batch, sample_ages, staleness_stats
@@ -27,10 +26,12 @@ from grpo_utils.ray_resources import mode_opt
 from grpo_utils.setup import (
     find_resume_checkpoint,
     finish_run,
+    held_out_evaluator,
     load_rows,
     make_loss,
     make_renderer,
     make_reward,
+    resume_training,
     start_collectors,
     start_run,
     stop_run,
@@ -55,14 +56,10 @@ def main(cfg: DictConfig) -> None:
 
     step, version, before, saved, collectors = 0, 0, None, -1, {}
     if resume_from is not None:
-        ckpt.load_model_weights(resume_from, model)
-        state = ckpt.load_trainer_state(resume_from)
-        trainer.load_state_dict(state["trainer"])
+        state = resume_training(resume_from, model, trainer)
         step, before, saved = state["step"], state.get("heldout_accuracy_before"), state["step"]
         # A sync checkpoint resumes too (weights, optimizer); its collectors start fresh streams.
         version, collectors = state.get("policy_version", 0), state.get("collectors", {})
-        ckpt.restore_rng_state(state["rng"])
-        print(f"Resumed from {resume_from} at step {step}")
 
     def save(step: int) -> int:
         nonlocal saved
@@ -74,11 +71,7 @@ def main(cfg: DictConfig) -> None:
             saved = step
         return saved
 
-    def held_out_eval() -> dict[str, float]:
-        return evaluate(model, tokenizer, renderer, reward_fn, heldout_rows, k=cfg.eval.k,
-                        temperature=cfg.eval.temperature, top_p=cfg.generation.top_p, top_k=cfg.generation.top_k,
-                        max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
-
+    held_out_eval = held_out_evaluator(cfg, model, tokenizer, renderer, reward_fn, heldout_rows)
     logger = MetricsLogger(run.run_dir, backend=cfg.logger, project=cfg.wandb.project,
                            run_name=cfg.wandb.run_name, config=OmegaConf.to_container(cfg, resolve=True),
                            total_steps=cfg.train.max_steps, start_step=step)
