@@ -306,14 +306,16 @@ def test_interrupted_run_checkpoints_the_step_reached_and_leaves_no_ray_process(
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
     assert_no_new_ray_processes(before)
-    reached = train_lines(run_dir)[-1]["step"]
+    logged = train_lines(run_dir)[-1]["step"]
     last = err.strip().splitlines()[-1]
-    if sig == "SIGINT":
-        assert proc.returncode == 130 and last == f"interrupted; last checkpoint: step {reached}", err[-2000:]
-    else:
-        assert proc.returncode == 1 and last == f"error: terminated (SIGTERM); last checkpoint: step {reached}"
+    prefix = "interrupted" if sig == "SIGINT" else "error: terminated (SIGTERM)"
+    assert proc.returncode == (130 if sig == "SIGINT" else 1) and last.startswith(f"{prefix}; last checkpoint: step "), \
+        err[-2000:]
+    reached = int(last.rsplit(" ", 1)[1])
+    # The signal may land between an optimizer step and its metrics line: that step is saved too.
+    assert reached in (logged, logged + 1) and reached < 500, (reached, logged)
     state = torch.load(run_dir / "checkpoints" / f"step_{reached}" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == reached and reached < 500, err[-2000:]
+    assert state["step"] == reached
 
 
 def test_sync_on_ray_restarted_collector_continues_exactly(env, tiny_dir, tmp_path):
