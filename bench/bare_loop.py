@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_utils.data import quickstart_rows
+from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.rewards import numeric_answer_reward
 
 

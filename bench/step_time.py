@@ -22,7 +22,7 @@ from pathlib import Path
 
 import transformers
 
-from grpo_utils.tiny_model import save_tiny
+from grpo_utils.models.tiny import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"tiny": dict(hidden_size=64, num_layers=2), "4M": dict(hidden_size=256, num_layers=6)}

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_utils.advantages import check_advantage_config
-from grpo_utils.data import DataError, validate_env
-from grpo_utils.models import DTYPES
-from grpo_utils.ray_resources import ASYNC_DEFAULTS, SYNC_DEFAULTS, check_mode_options
+from grpo_utils.algo.advantages import check_advantage_config
+from grpo_utils.data.datasets import DataError, validate_env
+from grpo_utils.distributed.resources import ASYNC_DEFAULTS, SYNC_DEFAULTS, check_mode_options
+from grpo_utils.models.loading import DTYPES
 from grpo_utils.rewards import plan_reward
 
 # Allowed keys per section. ``loss`` is checked by the loss class itself (its constructor).

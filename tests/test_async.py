@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from grpo_utils.tiny_model import save_tiny  # noqa: E402
+from grpo_utils.models.tiny import save_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "sota-implementations" / "grpo" / "grpo-async.py"
@@ -142,7 +142,7 @@ def _async_cfg(**mode):
 def test_resource_plan_fits_two_cores_and_names_what_is_short():
     import torch
 
-    from grpo_utils.ray_resources import check_mode_options, plan_resources
+    from grpo_utils.distributed.resources import check_mode_options, plan_resources
 
     plan = plan_resources(_async_cfg(cluster_cpus=2), torch.device("cpu"), available_gpus=0)
     assert (plan.ray_cpus, plan.ray_gpus, plan.trainer_threads) == (1, 0, 1)
@@ -159,7 +159,7 @@ def test_mode_files_list_exactly_their_keys():
     """Every key a mode accepts is in its shipped file (documented), and nothing else."""
     from omegaconf import OmegaConf
 
-    from grpo_utils.ray_resources import ASYNC_DEFAULTS, SYNC_DEFAULTS
+    from grpo_utils.distributed.resources import ASYNC_DEFAULTS, SYNC_DEFAULTS
 
     assert set(OmegaConf.load(REPO / "config" / "mode" / "sync.yaml")) == {"name", *SYNC_DEFAULTS}
     assert set(OmegaConf.load(REPO / "config" / "mode" / "async.yaml")) == {"name", *ASYNC_DEFAULTS}
@@ -168,7 +168,7 @@ def test_mode_files_list_exactly_their_keys():
 def test_mode_options_name_the_misplaced_key():
     from omegaconf import OmegaConf
 
-    from grpo_utils.ray_resources import check_mode_options
+    from grpo_utils.distributed.resources import check_mode_options
 
     def cfg(name, **mode):
         return OmegaConf.create({"mode": {"name": name, **mode}, "rollout": {"engine": "direct"}})
@@ -185,7 +185,7 @@ def test_mode_options_name_the_misplaced_key():
 
 
 def test_collectors_never_get_the_trainer_gpu(monkeypatch):
-    from grpo_utils.ray_resources import collector_gpu_ids
+    from grpo_utils.distributed.resources import collector_gpu_ids
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert collector_gpu_ids(0, 4) == ["1", "2", "3"]

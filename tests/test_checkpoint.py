@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from grpo_utils.checkpoint import (
+from grpo_utils.train.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
     list_checkpoints,

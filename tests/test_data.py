@@ -13,11 +13,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from grpo_utils.data import (
-    R1_ZERO_INSTRUCTION,
+from grpo_utils.data.datasets import (
     DataError,
-    PromptRenderer,
-    PromptStream,
     Rows,
     _gsm8k_rows,
     countdown_question,
@@ -26,11 +23,11 @@ from grpo_utils.data import (
     load_split,
     quickstart_rows,
     read_jsonl,
-    renderer_from_config,
     split_heldout,
     validate_env,
 )
-from grpo_utils.tiny_model import build_tokenizer
+from grpo_utils.data.prompts import R1_ZERO_INSTRUCTION, PromptRenderer, PromptStream, renderer_from_config
+from grpo_utils.models.tiny import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

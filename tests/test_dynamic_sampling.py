@@ -7,11 +7,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from grpo_utils.dapo import RolloutShaping
-from grpo_utils.data import PromptRenderer, PromptStream, quickstart_rows
+from grpo_utils.algo.shaping import RolloutShaping
+from grpo_utils.data.datasets import quickstart_rows
+from grpo_utils.data.prompts import PromptRenderer, PromptStream
+from grpo_utils.models.tiny import build_model, build_tokenizer
 from grpo_utils.rewards import RewardFunction
-from grpo_utils.rollout import GroupRollout, generation_kwargs
-from grpo_utils.tiny_model import build_model, build_tokenizer
+from grpo_utils.rollout.group import GroupRollout, generation_kwargs
 
 G, P, EOS, PAD = 2, 3, 257, 0
 

@@ -1,4 +1,4 @@
-"""Tests for grpo_utils.evaluation (pass@k, majority vote, answer normalization, evaluate) and the
+"""Tests for grpo_utils.eval.evaluate (pass@k, majority vote, answer normalization, evaluate) and the
 grpo-eval.py recipe end to end."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from grpo_utils.data import PromptRenderer, quickstart_rows
-from grpo_utils.evaluation import (
+from grpo_utils.data.datasets import quickstart_rows
+from grpo_utils.data.prompts import PromptRenderer
+from grpo_utils.eval.evaluate import (
     EvalConfigError,
     build_report,
     evaluate,
@@ -32,9 +33,9 @@ from grpo_utils.evaluation import (
     resolve_model_dir,
     validate_eval_config,
 )
-from grpo_utils.models import load_tokenizer
+from grpo_utils.models.loading import load_tokenizer
+from grpo_utils.models.tiny import save_tiny
 from grpo_utils.rewards import RewardFunction
-from grpo_utils.tiny_model import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "sota-implementations" / "grpo" / "grpo-eval.py"

@@ -14,14 +14,15 @@ import torch
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
-from grpo_utils.advantages import assign_advantages, group_advantages
-from grpo_utils.data import PromptRenderer, PromptStream, quickstart_rows
-from grpo_utils.logprobs import position_ids_from_mask, response_log_probs
-from grpo_utils.losses import ClippedSurrogateLoss
+from grpo_utils.algo.advantages import assign_advantages, group_advantages
+from grpo_utils.algo.logprobs import position_ids_from_mask, response_log_probs
+from grpo_utils.algo.losses import ClippedSurrogateLoss
+from grpo_utils.data.datasets import quickstart_rows
+from grpo_utils.data.prompts import PromptRenderer, PromptStream
+from grpo_utils.models.tiny import build_model, build_tokenizer
 from grpo_utils.rewards import RewardFunction
-from grpo_utils.rollout import GroupRollout, generation_kwargs, response_mask
-from grpo_utils.tiny_model import build_model, build_tokenizer
-from grpo_utils.trainer import PolicyTrainer, make_optimizer, warmup_cosine
+from grpo_utils.rollout.group import GroupRollout, generation_kwargs, response_mask
+from grpo_utils.train.trainer import PolicyTrainer, make_optimizer, warmup_cosine
 
 EOS, PAD = 257, 0
 GROUP = 4

@@ -13,13 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from grpo_utils.dapo import (
-    RolloutShaping,
-    dynamic_sampling_keep,
-    soft_overlong_penalty,
-    truncation_mask,
-)
-from grpo_utils.losses import (
+from grpo_utils.algo.losses import (
     AGGREGATIONS,
     BatchNormalizer,
     CISPOLoss,
@@ -28,6 +22,12 @@ from grpo_utils.losses import (
     PolicyGradientLoss,
     build_loss,
     kl_reward_penalty,
+)
+from grpo_utils.algo.shaping import (
+    RolloutShaping,
+    dynamic_sampling_keep,
+    soft_overlong_penalty,
+    truncation_mask,
 )
 
 CONFIG = Path(__file__).resolve().parents[1] / "config"
@@ -342,7 +342,7 @@ def test_grpo_clip_is_grpo() -> None:
 def test_presets_compose_through_hydra(name: str) -> None:
     from hydra import compose, initialize_config_dir
 
-    from grpo_utils.setup import make_loss
+    from grpo_utils.train.run import make_loss
 
     with initialize_config_dir(config_dir=str(CONFIG), version_base="1.3"):
         cfg = compose("grpo_quickstart", overrides=[f"loss={name}"])

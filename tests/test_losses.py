@@ -1,4 +1,4 @@
-"""Tests for grpo_utils.losses against independent, loop-based reference computations."""
+"""Tests for grpo_utils.algo.losses against independent, loop-based reference computations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from grpo_utils.losses import (
+from grpo_utils.algo.losses import (
     AGGREGATIONS,
     BatchNormalizer,
     ClippedSurrogateLoss,
@@ -448,7 +448,7 @@ def test_build_loss() -> None:
         assert isinstance(loss_fn, ClippedSurrogateLoss)
         assert (loss_fn.clip_eps_high, loss_fn.aggregation) == (0.28, "constant_sum")
         assert loss_fn.constant_normalizer == 512
-    targeted = build_loss({"_target_": "grpo_utils.losses.ClippedSurrogateLoss", "kl_coef": 0.1})
+    targeted = build_loss({"_target_": "grpo_utils.algo.losses.ClippedSurrogateLoss", "kl_coef": 0.1})
     assert isinstance(targeted, ClippedSurrogateLoss) and targeted.needs_reference
     with pytest.raises(ValueError, match="clip_eps"):
         build_loss({"clip_eps": 0.2})

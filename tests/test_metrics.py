@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from grpo_utils.metrics import (
+from grpo_utils.train.metrics import (
     MetricsLogger,
     format_summary,
     plot_reward_curve,

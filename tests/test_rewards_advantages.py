@@ -1,4 +1,4 @@
-"""Tests for grpo_utils.rewards and grpo_utils.advantages against hand-computed values."""
+"""Tests for grpo_utils.rewards and grpo_utils.algo.advantages against hand-computed values."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_utils.advantages import check_advantage_config, group_advantages, zero_advantage_group_fraction
-from grpo_utils.data import _gsm8k_rows
+from grpo_utils.algo.advantages import check_advantage_config, group_advantages, zero_advantage_group_fraction
+from grpo_utils.data.datasets import _gsm8k_rows
 from grpo_utils.rewards import (
     RewardFunction,
     extract_final_number,

@@ -425,7 +425,7 @@ def tiny_reward_model(tmp_path_factory):
     import torch
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-    from grpo_utils.tiny_model import build_tokenizer
+    from grpo_utils.models.tiny import build_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_rm")
     tok = build_tokenizer()

@@ -8,11 +8,12 @@ import tensordict
 import torch
 from omegaconf import OmegaConf
 
-from grpo_utils.collector_rollout import CollectorRollout
-from grpo_utils.data import PromptRenderer, PromptStream, quickstart_rows
+from grpo_utils.data.datasets import quickstart_rows
+from grpo_utils.data.prompts import PromptRenderer, PromptStream
+from grpo_utils.models.tiny import build_model, build_tokenizer
 from grpo_utils.rewards import RewardFunction
-from grpo_utils.rollout import GroupRollout, generation_kwargs, make_generator
-from grpo_utils.tiny_model import build_model, build_tokenizer
+from grpo_utils.rollout.collector import CollectorRollout
+from grpo_utils.rollout.group import GroupRollout, generation_kwargs, make_generator
 
 tensordict.set_list_to_stack(True).set()
 GEN = OmegaConf.create(dict(max_new_tokens=5, min_new_tokens=0, temperature=1.0, top_p=1.0, top_k=0))
@@ -95,8 +96,8 @@ def test_unrestricted_sampling_is_not_top_50(tok):
 def test_sampler_log_probs_match_exact_recompute_except_torchrl_token_zero(model, tok):
     """Kept for the mismatch correction: TorchRL's generation log-probs agree with the exact
     forward on every token but the first, which TorchRL reports as 0; annotate repairs it."""
-    from grpo_utils.losses import ClippedSurrogateLoss
-    from grpo_utils.trainer import PolicyTrainer
+    from grpo_utils.algo.losses import ClippedSurrogateLoss
+    from grpo_utils.train.trainer import PolicyTrainer
 
     rows = quickstart_rows(12, seed=7)
     stream = PromptStream(rows, P, seed=0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from grpo_utils.tiny_model import save_tiny
+from grpo_utils.models.tiny import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "sota-implementations" / "grpo" / "grpo-sync.py"

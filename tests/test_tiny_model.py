@@ -1,4 +1,4 @@
-"""Tests for grpo_utils.tiny_model: the locally built tokenizer and model survive save/reload."""
+"""Tests for grpo_utils.models.tiny: the locally built tokenizer and model survive save/reload."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_utils.tiny_model import CHAT_TEMPLATE, build_model, build_tokenizer, save_tiny
+from grpo_utils.models.tiny import CHAT_TEMPLATE, build_model, build_tokenizer, save_tiny
 
 TEXTS = [
     "max 3 1 4 1 5",

@@ -11,7 +11,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from grpo_utils.weight_sync import (  # noqa: E402
+from grpo_utils.distributed.weight_sync import (  # noqa: E402
     CollectiveWeightSync,
     CollectorDiedError,
     ObjectStoreWeightSync,

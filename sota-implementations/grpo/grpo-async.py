@@ -17,13 +17,13 @@ import time
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_utils import checkpoint as ckpt
-from grpo_utils.advantages import assign_advantages
-from grpo_utils.metrics import MetricsLogger
-from grpo_utils.models import load_policy, make_reference
-from grpo_utils.ray_collector import payload_to_batch, sample_ages, staleness_stats
-from grpo_utils.ray_resources import mode_opt
-from grpo_utils.setup import (
+from grpo_utils.algo.advantages import assign_advantages
+from grpo_utils.distributed.collectors import payload_to_batch, sample_ages, staleness_stats
+from grpo_utils.distributed.resources import mode_opt
+from grpo_utils.models.loading import load_policy, make_reference
+from grpo_utils.train import checkpoint as ckpt
+from grpo_utils.train.metrics import MetricsLogger
+from grpo_utils.train.run import (
     find_resume_checkpoint,
     finish_run,
     held_out_evaluator,
@@ -36,7 +36,7 @@ from grpo_utils.setup import (
     start_run,
     stop_run,
 )
-from grpo_utils.trainer import PolicyTrainer
+from grpo_utils.train.trainer import PolicyTrainer
 
 
 @hydra.main(config_path="../../config", config_name="grpo_quickstart", version_base="1.3")

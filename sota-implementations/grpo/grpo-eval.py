@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from grpo_utils.config import ConfigError, resolve_device, seed_everything
-from grpo_utils.data import DataError, load_split, renderer_from_config
-from grpo_utils.evaluation import (
+from grpo_utils.data.datasets import DataError, load_split
+from grpo_utils.data.prompts import renderer_from_config
+from grpo_utils.eval.evaluate import (
     EvalConfigError,
     build_report,
     check_reward,
@@ -34,7 +35,7 @@ from grpo_utils.evaluation import (
     resolve_model_dir,
     validate_eval_config,
 )
-from grpo_utils.models import DTYPES, load_tokenizer
+from grpo_utils.models.loading import DTYPES, load_tokenizer
 from grpo_utils.rewards import RewardFunction
 
 

@@ -177,7 +177,7 @@ def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
         except ValueError:
             ray.shutdown()
             raise
-    from grpo_utils.setup import exit_on_sigterm
+    from grpo_utils.train.run import exit_on_sigterm
 
     exit_on_sigterm()
 

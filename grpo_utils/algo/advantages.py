@@ -96,7 +96,7 @@ def assign_advantages(batch, loss_fn, estimator: str, scale: str, eps: float, gr
     batch["advantage"] = advantages
     shaping = getattr(loss_fn, "rollout_shaping", None)
     if shaping is not None and shaping.overlong_mask:
-        from grpo_utils.dapo import truncation_mask
+        from grpo_utils.algo.shaping import truncation_mask
 
         batch["response_mask"] = batch["response_mask"] & truncation_mask(batch["truncated"])[:, None]
     stats.update({"advantage/mean": advantages.mean().item(),

@@ -61,7 +61,7 @@ def staleness_stats(ages: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def behaviour_log_probs(model, batch: TensorDict, temperature: float, micro_batch_size: int) -> torch.Tensor:
     """Exact log-probs of the sampled response tokens under ``model`` (the weights that sampled)."""
-    from grpo_utils.logprobs import response_log_probs
+    from grpo_utils.algo.logprobs import response_log_probs
 
     was_training = model.training
     model.eval()
@@ -84,13 +84,14 @@ class RolloutWorker:
         import tensordict
 
         tensordict.set_list_to_stack(True).set()
-        from grpo_utils.advantages import assign_advantages
+        from grpo_utils.algo.advantages import assign_advantages
+        from grpo_utils.algo.losses import build_loss
         from grpo_utils.config import seed_everything
-        from grpo_utils.data import PromptStream, load_split, renderer_from_config
-        from grpo_utils.losses import build_loss
-        from grpo_utils.models import load_policy
+        from grpo_utils.data.datasets import load_split
+        from grpo_utils.data.prompts import PromptStream, renderer_from_config
+        from grpo_utils.models.loading import load_policy
         from grpo_utils.rewards import build_reward
-        from grpo_utils.rollout import GroupRollout, generation_kwargs
+        from grpo_utils.rollout.group import GroupRollout, generation_kwargs
 
         cfg = OmegaConf.create(cfg)
         torch.set_num_threads(max(1, int(cfg.mode.get("collector_cpus", 1))))
@@ -109,7 +110,7 @@ class RolloutWorker:
         parts = (self.model, tokenizer, renderer_from_config(cfg.env, tokenizer), build_reward(cfg.reward),
                  generation_kwargs(cfg.generation), cfg.env.group_size, self.stream)
         if cfg.rollout.engine == "collector":  # TorchRL's LLMCollector over a DatasetChatEnv, in the actor
-            from grpo_utils.collector_rollout import CollectorRollout
+            from grpo_utils.rollout.collector import CollectorRollout
 
             self.rollout = CollectorRollout(*parts)
         else:
@@ -135,7 +136,7 @@ class RolloutWorker:
 
     def load_state(self, state: dict) -> None:
         """Continue from a checkpointed position: prompt stream, RNGs and policy version."""
-        from grpo_utils.checkpoint import restore_rng_state
+        from grpo_utils.train.checkpoint import restore_rng_state
 
         self.stream.load_state_dict(state["prompts"])
         restore_rng_state(state["rng"])
@@ -163,7 +164,7 @@ class RolloutWorker:
 
     def collect_batch(self, min_version: int = 0) -> dict[str, Any]:
         """One scored batch from weights of at least ``min_version``, as a picklable payload."""
-        from grpo_utils.checkpoint import capture_rng_state
+        from grpo_utils.train.checkpoint import capture_rng_state
 
         if self.die_after and self.batches >= self.die_after:
             os._exit(1)  # simulates a crash (test hook)
@@ -338,7 +339,7 @@ class CollectorPool:
 
     def close(self) -> None:
         """Tear down the weight sync, kill the actors and the queue, stop the local Ray cluster."""
-        from grpo_utils.ray_resources import shutdown_ray
+        from grpo_utils.distributed.resources import shutdown_ray
 
         try:
             self.weight_sync.close()
@@ -349,7 +350,7 @@ class CollectorPool:
 class RayRollout:
     """The sync recipe's rollout with the generator in one Ray actor (``mode.ray=true``).
 
-    Same interface as :class:`grpo_utils.rollout.GroupRollout` (``collect``, ``sync_weights``,
+    Same interface as :class:`grpo_utils.rollout.group.GroupRollout` (``collect``, ``sync_weights``,
     ``data_state``/``load_data_state``, ``close``). ``sync_iter=true``: each batch is generated
     after the last weight push (policy age 0). ``sync_iter=false``: the next batch is generated
     while the trainer trains on this one, so it comes from the weights one push older (age <= 1).

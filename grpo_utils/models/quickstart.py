@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from grpo_utils.data import quickstart_rows
-from grpo_utils.tiny_model import build_model, build_tokenizer, default_cache_dir, spec_hash, warm_start
+from grpo_utils.data.datasets import quickstart_rows
+from grpo_utils.models.tiny import build_model, build_tokenizer, default_cache_dir, spec_hash, warm_start
 
 SPEC = {
     "task": "max5", "hidden_size": 64, "num_layers": 2, "skill_fraction": 0.3,

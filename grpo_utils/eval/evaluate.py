@@ -27,8 +27,8 @@ from typing import Any, NoReturn
 import torch
 from tensordict import TensorDict
 
-from grpo_utils.data import last_boxed_answer
-from grpo_utils.rollout import left_pad, make_generator, response_mask, stop_token_ids
+from grpo_utils.data.datasets import last_boxed_answer
+from grpo_utils.rollout.group import left_pad, make_generator, response_mask, stop_token_ids
 
 # ----------------------------------------------------------------------------- estimators
 
@@ -286,7 +286,7 @@ def validate_eval_config(cfg) -> None:
     """Raise :class:`EvalConfigError` (one line naming the key) on the first problem found."""
 
     from grpo_utils.config import ConfigError, check_keys
-    from grpo_utils.data import DataError, validate_env
+    from grpo_utils.data.datasets import DataError, validate_env
 
     try:  # the generated datasets' own sub-sections (env.*) are optional
         check_keys(cfg, EVAL_SCHEMA, optional=lambda section: section.startswith("env."))
@@ -308,7 +308,7 @@ def validate_eval_config(cfg) -> None:
     for ok, msg in checks:
         if not ok:
             raise EvalConfigError(msg)
-    from grpo_utils.models import DTYPES
+    from grpo_utils.models.loading import DTYPES
 
     if cfg.model.dtype not in DTYPES:
         raise EvalConfigError(f"model.dtype={cfg.model.dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -337,8 +337,8 @@ def resolve_model_dir(name: str) -> str:
     checkpoint ``checkpoints/step_N``, a training run directory (its latest checkpoint) or its
     ``checkpoints/`` directory, ``builtin:quickstart``, or else a Hugging Face hub name.
     Raises :class:`EvalConfigError` naming the key."""
-    from grpo_utils.checkpoint import latest_checkpoint
-    from grpo_utils.models import resolve_model_path
+    from grpo_utils.models.loading import resolve_model_path
+    from grpo_utils.train.checkpoint import latest_checkpoint
 
     if name.startswith("builtin:"):
         try:

@@ -16,12 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from grpo_utils.algo.losses import build_loss
 from grpo_utils.config import ConfigError, resolve_device, seed_everything, validate
-from grpo_utils.data import DataError, PromptRenderer, PromptStream, Rows, load_split, renderer_from_config
-from grpo_utils.losses import build_loss
-from grpo_utils.ray_resources import mode_opt, plan_resources, unreachable, uses_ray
+from grpo_utils.data.datasets import DataError, Rows, load_split
+from grpo_utils.data.prompts import PromptRenderer, PromptStream, renderer_from_config
+from grpo_utils.distributed.resources import mode_opt, plan_resources, unreachable, uses_ray
 from grpo_utils.rewards import RewardFunction, build_reward
-from grpo_utils.rollout import GroupRollout
+from grpo_utils.rollout.group import GroupRollout
 
 
 @dataclass
@@ -107,15 +108,15 @@ def make_rollout(cfg: DictConfig, model, tokenizer, renderer: PromptRenderer, re
     """``rollout.engine=direct`` (one batched TransformersWrapper call) or ``collector``
     (TorchRL's LLMCollector over a DatasetChatEnv); both yield the same batches. With
     ``mode.ray=true`` either engine runs in a Ray collector actor instead (:class:`RayRollout`)."""
-    from grpo_utils.rollout import generation_kwargs
+    from grpo_utils.rollout.group import generation_kwargs
 
     if mode_opt(cfg, "ray"):
-        from grpo_utils.ray_collector import RayRollout
+        from grpo_utils.distributed.collectors import RayRollout
 
         return RayRollout(start_collectors(cfg, device or torch.device("cpu"), streaming=False, model=model),
                           sync_iter=mode_opt(cfg, "sync_iter"))
     if cfg.rollout.engine == "collector":
-        from grpo_utils.collector_rollout import CollectorRollout
+        from grpo_utils.rollout.collector import CollectorRollout
 
         return CollectorRollout(model, tokenizer, renderer, reward_fn, generation_kwargs(cfg.generation),
                                 cfg.env.group_size, stream)
@@ -129,10 +130,10 @@ def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, mod
     actors, built from ``model_path`` (default ``model.name``). Exits with one line if the cluster is
     short or an actor cannot start; the returned pool's ``close()`` stops everything it started.
     ``model`` (the trainer's) is what a restarted actor gets its weights from."""
-    from grpo_utils.models import resolve_model_path
-    from grpo_utils.ray_collector import CollectorFailed, CollectorPool
-    from grpo_utils.ray_resources import shutdown_ray, start_ray
-    from grpo_utils.weight_sync import make_weight_sync
+    from grpo_utils.distributed.collectors import CollectorFailed, CollectorPool
+    from grpo_utils.distributed.resources import shutdown_ray, start_ray
+    from grpo_utils.distributed.weight_sync import make_weight_sync
+    from grpo_utils.models.loading import resolve_model_path
 
     try:
         plan = plan_resources(cfg, device)
@@ -165,7 +166,7 @@ def stop_run(error: BaseException, save_now, logger) -> None:
     """Called from an ``except`` block: checkpoint the current step (``save_now`` returns the last
     saved step), close the metrics, then stop with one line naming that checkpoint for a dead
     collector, Ctrl-C (exit code 130) or SIGTERM; anything else is re-raised."""
-    from grpo_utils.ray_collector import CollectorFailed
+    from grpo_utils.distributed.collectors import CollectorFailed
 
     saved = save_now()
     logger.close()
@@ -192,7 +193,7 @@ def exit_on_sigterm() -> None:
 def resume_training(resume_from: Path, model: torch.nn.Module, trainer) -> dict:
     """Load a checkpoint's weights, optimizer/scheduler and RNGs; returns its trainer state (the
     recipe restores its own parts: step, policy version, prompt streams)."""
-    from grpo_utils import checkpoint as ckpt
+    from grpo_utils.train import checkpoint as ckpt
 
     ckpt.load_model_weights(resume_from, model)
     state = ckpt.load_trainer_state(resume_from)
@@ -206,7 +207,7 @@ def held_out_evaluator(cfg: DictConfig, model, tokenizer, renderer: PromptRender
                        rows: Rows):
     """A no-argument callable: greedy accuracy on the held-out rows, plus pass@k / maj@k / mean@k
     when ``eval.k`` > 0."""
-    from grpo_utils.evaluation import evaluate
+    from grpo_utils.eval.evaluate import evaluate
 
     def held_out_eval() -> dict[str, float]:
         return evaluate(model, tokenizer, renderer, reward_fn, rows, k=cfg.eval.k,
@@ -219,7 +220,7 @@ def held_out_evaluator(cfg: DictConfig, model, tokenizer, renderer: PromptRender
 def find_resume_checkpoint(resume, run_dir: Path) -> Path | None:
     """The checkpoint to resume from (``resume=true``: the run dir's latest, if any), checked
     before any model is loaded."""
-    from grpo_utils.checkpoint import resolve_resume
+    from grpo_utils.train.checkpoint import resolve_resume
 
     try:
         return resolve_resume(resume, run_dir)
@@ -231,7 +232,7 @@ def finish_run(run_dir: Path, logger, steps_done: int, t_start: float, extra: di
     """Close the metrics, write summary.json and the reward curve, print the summary."""
     import time
 
-    from grpo_utils.metrics import format_summary, plot_reward_curve, write_summary
+    from grpo_utils.train.metrics import format_summary, plot_reward_curve, write_summary
 
     logger.close()
     summary = write_summary(run_dir, steps_done=steps_done, wall_time_s=time.perf_counter() - t_start, extra=extra)

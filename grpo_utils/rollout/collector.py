@@ -1,4 +1,4 @@
-"""The same rollout as :class:`~grpo_utils.rollout.GroupRollout`, through TorchRL's env and
+"""The same rollout as :class:`~grpo_utils.rollout.group.GroupRollout`, through TorchRL's env and
 collector: a ``DatasetChatEnv`` whose primer repeats each prompt ``group_size`` times, a
 ``TransformersWrapper`` in history mode, and an ``LLMCollector`` yielding one batch per step.
 
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from grpo_utils.data import PromptStream
-from grpo_utils.rollout import GroupRollout
+from grpo_utils.data.prompts import PromptStream
+from grpo_utils.rollout.group import GroupRollout
 
 
 class _StreamPrompts(IterableDataset):

@@ -2,7 +2,7 @@
 
 The loss is model-agnostic: the trainer computes per-token log-probabilities (and optionally
 entropies) and hands over ``[B, T]`` tensors of response tokens together with a boolean mask.
-Advantages are computed before the loss (``grpo_utils.advantages.group_advantages``).
+Advantages are computed before the loss (``grpo_utils.algo.advantages.group_advantages``).
 
 Objectives, one class each, all sharing :class:`PolicyLoss` (KL to a reference in the loss or
 in the reward, KL to the behaviour policy, entropy bonus, aggregation, importance-sampling
@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from grpo_utils.advantages import check_advantage_config
-from grpo_utils.dapo import RolloutShaping
+from grpo_utils.algo.advantages import check_advantage_config
+from grpo_utils.algo.shaping import RolloutShaping
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant_sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -240,11 +240,11 @@ class PolicyLoss(torch.nn.Module):
       ``rollout_log_probs`` is None (the default: sampling and training share weights and code)
       these settings do nothing and no mismatch metrics are logged.
     * ``advantage_estimator``, ``advantage_scale``: the advantage this objective is defined on
-      (see ``grpo_utils.advantages``); the loss does not use them, the config's ``advantage``
+      (see ``grpo_utils.algo.advantages``); the loss does not use them, the config's ``advantage``
       section defaults to them.
     * ``dynamic_sampling``, ``max_resample_rounds``, ``overlong_mask``, ``overlong_penalty``,
       ``overlong_cache_len``: rollout-level settings (DAPO), exposed as :attr:`rollout_shaping`;
-      see ``grpo_utils.dapo``.
+      see ``grpo_utils.algo.shaping``.
 
     Metrics (detached scalars, token means over the micro-batch): ``loss/policy``,
     ``clip_fraction`` (``/low``, ``/high``), ``ratio/mean``, ``ess`` (normalized effective sample

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from grpo_utils.logprobs import response_log_probs
-from grpo_utils.losses import BatchNormalizer
+from grpo_utils.algo.logprobs import response_log_probs
+from grpo_utils.algo.losses import BatchNormalizer
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from grpo_utils.advantages import zero_advantage_group_fraction
-from grpo_utils.dapo import RolloutShaping, dynamic_sampling_keep, soft_overlong_penalty
-from grpo_utils.data import PromptRenderer, PromptStream
+from grpo_utils.algo.advantages import zero_advantage_group_fraction
+from grpo_utils.algo.shaping import RolloutShaping, dynamic_sampling_keep, soft_overlong_penalty
+from grpo_utils.data.prompts import PromptRenderer, PromptStream
 from grpo_utils.rewards import RewardFunction
 
 
@@ -45,7 +45,7 @@ def make_generator(model, tokenizer, gen_kwargs: dict[str, Any], return_log_prob
         tokenizer=tokenizer,
         input_mode="tokens",
         generate=True,
-        # Behaviour log-probs are recomputed exactly by grpo_utils.logprobs (TorchRL zeroes token 0);
+        # Behaviour log-probs are recomputed exactly by grpo_utils.algo.logprobs (TorchRL zeroes token 0);
         # the sampler's own are only kept for the inference/training mismatch correction.
         return_log_probs=return_log_probs,
         pad_output=True,
@@ -178,7 +178,7 @@ class GroupRollout:
         and more groups are generated (at most ``max_resample_rounds`` extra rounds) to refill
         the batch; if still short, dropped groups top it up so its size never changes. With
         ``shaping.overlong_penalty`` the soft overlong punishment is added to the reward.
-        Advantages are assigned later (:func:`grpo_utils.advantages.assign_advantages`), once
+        Advantages are assigned later (:func:`grpo_utils.algo.advantages.assign_advantages`), once
         reference log-probs exist for a KL-in-reward penalty.
         """
         shaping = shaping or RolloutShaping()

@@ -15,7 +15,7 @@ def resolve_model_path(name: str) -> str:
     """``builtin:quickstart`` builds (once) the tiny warm-started model; anything else is passed
     to ``from_pretrained`` as is (a local directory or a hub name)."""
     if name == "builtin:quickstart":
-        from grpo_utils.quickstart import ensure_quickstart_model
+        from grpo_utils.models.quickstart import ensure_quickstart_model
 
         return str(ensure_quickstart_model())
     if name.startswith(BUILTIN_PREFIX):

@@ -1,0 +1,121 @@
+"""Prompts: rendering rows into model input (templates) and the seeded, resumable prompt stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from grpo_utils.data.datasets import TEMPLATES, DataError, _opt
+
+R1_ZERO_INSTRUCTION = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+    "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
+    "the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>."
+)
+
+
+
+class PromptRenderer:
+    """Turns a row into the exact prompt text the model sees.
+
+    ``prompt_format`` (a format string over the row's fields) gives the user content, which
+    ``template`` wraps:
+
+    - ``plain``: the content as is (``system_prompt`` is not used);
+    - ``chat``: the tokenizer's chat template, with ``system_prompt`` as a system message;
+    - ``r1_zero``: DeepSeek-R1-Zero's plain-text conversation,
+      ``<instruction>\\nUser: <content>\\nAssistant: <think>``, where the instruction asks for
+      reasoning in ``<think> </think>`` and the answer in ``<answer> </answer>``
+      (``system_prompt``, when set, replaces the instruction).
+
+    ``template=None`` keeps the older switch: ``chat`` when ``chat`` is true, else ``plain``.
+    The ``chat`` attribute is true only for the ``chat`` template.
+    """
+
+    def __init__(self, tokenizer, prompt_format: str, system_prompt: str | None, chat: bool,
+                 template: str | None = None):
+        template = template or ("chat" if chat else "plain")
+        if template not in TEMPLATES:
+            raise DataError(f"env.template={template!r} is unknown; expected one of {', '.join(TEMPLATES)}")
+        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
+        self.system_prompt = system_prompt
+        self.template = template
+        self.chat = template == "chat"
+        if self.chat and not getattr(tokenizer, "chat_template", None):
+            raise DataError("env.chat_template=true but the tokenizer has no chat template")
+
+    def content(self, row: dict[str, Any]) -> str:
+        """The user content: ``prompt_format`` filled with the row's fields."""
+        try:
+            return self.prompt_format.format(**row)
+        except KeyError as e:
+            raise DataError(f"env.prompt_format refers to {e} which the dataset rows lack") from None
+
+    def __call__(self, row: dict[str, Any]) -> str:
+        content = self.content(row)
+        if self.template == "plain":
+            return content
+        if self.template == "r1_zero":
+            return f"{self.system_prompt or R1_ZERO_INSTRUCTION}\nUser: {content}\nAssistant: <think>"
+        messages = [{"role": "user", "content": content}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def renderer_from_config(env_cfg, tokenizer) -> PromptRenderer:
+    """The renderer an ``env:`` config section describes (``template`` null follows ``chat_template``)."""
+    return PromptRenderer(tokenizer, _opt(env_cfg, "prompt_format", "{question}"), _opt(env_cfg, "system_prompt"),
+                          bool(_opt(env_cfg, "chat_template", True)), template=_opt(env_cfg, "template"))
+
+
+class PromptStream:
+    """An endless, seeded, resumable stream of prompt batches over a list of rows.
+
+    Each epoch is a fresh permutation; ``state_dict`` records the epoch and position so a
+    resumed run sees exactly the prompts it would have seen.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], batch_size: int, seed: int, shuffle: bool = True):
+        self.rows = rows
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.rows)))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    def next_batch(self) -> list[dict[str, Any]]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position >= len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation()
+            batch.append(self.rows[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._permutation()
+
+
