@@ -7,7 +7,6 @@ none of grpo_utils' helpers (advantages, aggregation, KL) is used to compute an 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,8 +28,8 @@ from grpo_utils.algo.shaping import (
     soft_overlong_penalty,
     truncation_mask,
 )
+from tests.helpers import CONFIG
 
-CONFIG = Path(__file__).resolve().parents[1] / "config"
 DTYPE = torch.float64
 T = 5  # padded width, and the Dr. GRPO constant (generation.max_new_tokens) in these tests
 JUNK = 7.0

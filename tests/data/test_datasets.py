@@ -28,9 +28,9 @@ from grpo_utils.data.datasets import (
 )
 from grpo_utils.data.prompts import R1_ZERO_INSTRUCTION, PromptRenderer, PromptStream, renderer_from_config
 from grpo_utils.models.tiny import build_tokenizer
+from tests.helpers import REPO
+from tests.helpers import SHARED_DATA as SHARED
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K = SHARED / "gsm8k"
 
 

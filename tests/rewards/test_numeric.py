@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,9 @@ from grpo_utils.rewards import (
     normalize_number,
     numeric_answer_reward,
 )
+from tests.helpers import SHARED_DATA
 
-GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 
 # ----------------------------------------------------------------------------- extraction
 

@@ -14,10 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpo_utils.models.tiny import save_tiny
+from tests.helpers import RECIPES, REPO
+from tests.helpers import SHARED_DATA as SHARED
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "sota-implementations" / "grpo" / "grpo-sync.py"
-SHARED = REPO.parent / "shared" / "data"
+RECIPE = RECIPES / "grpo-sync.py"
 
 REQUIRED_KEYS = {"step", "reward/mean", "reward/std", "advantage/mean", "loss", "clip_fraction", "entropy",
                  "response_length/mean", "grad_norm", "lr", "time/generate_s", "time/train_s", "tokens_per_s"}

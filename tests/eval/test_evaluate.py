@@ -36,9 +36,9 @@ from grpo_utils.eval.evaluate import (
 from grpo_utils.models.loading import load_tokenizer
 from grpo_utils.models.tiny import save_tiny
 from grpo_utils.rewards import RewardFunction
+from tests.helpers import RECIPES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "sota-implementations" / "grpo" / "grpo-eval.py"
+RECIPE = RECIPES / "grpo-eval.py"
 
 
 # ----------------------------------------------------------------------------- pass@k

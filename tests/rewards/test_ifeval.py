@@ -5,7 +5,6 @@ follow the official checkers (including their quirks), plus the 541 IFEval promp
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +17,9 @@ from grpo_utils.rewards.ifeval import (
     per_instruction_results,
 )
 from grpo_utils.rewards.ifeval._text import count_sentences, count_words, detect_language, word_tokens
+from tests.helpers import SHARED_DATA
 
-IFEVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifeval" / "input_data.jsonl"
+IFEVAL_DATA = SHARED_DATA / "ifeval" / "input_data.jsonl"
 
 OFFICIAL_IDS = {
     "keywords:existence", "keywords:frequency", "keywords:forbidden_words", "keywords:letter_frequency",

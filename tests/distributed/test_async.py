@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("ray")
 
 from grpo_utils.models.tiny import save_tiny  # noqa: E402
+from tests.helpers import RECIPES, REPO  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "sota-implementations" / "grpo" / "grpo-async.py"
-SYNC_RECIPE = REPO / "sota-implementations" / "grpo" / "grpo-sync.py"
+RECIPE = RECIPES / "grpo-async.py"
+SYNC_RECIPE = RECIPES / "grpo-sync.py"
 RAY_DAEMONS = ("raylet", "gcs_server")
 
 
