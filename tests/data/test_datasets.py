@@ -1,4 +1,5 @@
-"""Tests for grpo_utils.data: JSONL reading, dataset splits, prompt rendering, prompt streams."""
+"""Tests for grpo_utils.data.datasets: JSONL reading, the datasets, their splits and validation.
+Prompt rendering and prompt streams are in test_prompts.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from itertools import combinations
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from grpo_utils.data.datasets import (
     DataError,
@@ -26,10 +26,8 @@ from grpo_utils.data.datasets import (
     split_heldout,
     validate_env,
 )
-from grpo_utils.data.prompts import R1_ZERO_INSTRUCTION, PromptRenderer, PromptStream, renderer_from_config
-from grpo_utils.models.tiny import build_tokenizer
-from tests.helpers import REPO
 from tests.helpers import SHARED_DATA as SHARED
+from tests.helpers import env_cfg
 
 GSM8K = SHARED / "gsm8k"
 
@@ -43,12 +41,6 @@ def shared_file(*parts: str) -> Path:
 
 def gsm8k_file(split: str) -> Path:
     return shared_file("gsm8k", f"{split}.jsonl")
-
-
-def env_cfg(**overrides):
-    """The shipped config's ``env:`` section with overrides (a DictConfig, as the recipe passes)."""
-    env = OmegaConf.load(REPO / "config" / "grpo_quickstart.yaml").env
-    return OmegaConf.merge(env, OmegaConf.create(overrides))
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -218,99 +210,6 @@ def test_quickstart_rows_exclude_and_num_digits():
     assert len(kept) == 50 and not excluded & {r["question"] for r in kept}
     short = quickstart_rows(5, seed=0, num_digits=2)
     assert all(len(r["digits"]) == 2 and r["answer"] == str(max(r["digits"])) for r in short)
-
-
-# ----------------------------------------------------------------------------- PromptRenderer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-def test_renderer_chat_template_exact_text(tok):
-    row = {"question": "max 1 2", "answer": "2"}
-    assert PromptRenderer(tok, "{question}", None, True)(row) == (
-        "<|im_start|>user\nmax 1 2<|im_end|>\n<|im_start|>assistant\n")
-    assert PromptRenderer(tok, "Q: {question}", "Be brief.", True)(row) == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nQ: max 1 2<|im_end|>\n<|im_start|>assistant\n")
-
-
-def test_renderer_plain_ignores_system_prompt(tok):
-    row = {"question": "max 3 1", "answer": "3", "n": 2}
-    assert PromptRenderer(tok, "{question} ({n} digits)", "ignored", False)(row) == "max 3 1 (2 digits)"
-
-
-def test_renderer_bad_format_key_is_a_data_error(tok):
-    r = PromptRenderer(tok, "{problem}", None, False)
-    with pytest.raises(DataError, match=re.escape("env.prompt_format refers to 'problem' which the dataset rows lack")):
-        r({"question": "q", "answer": "1"})
-
-
-def test_renderer_chat_requires_a_template():
-    class NoTemplate:
-        chat_template = None
-
-    with pytest.raises(DataError, match="env.chat_template=true but the tokenizer has no chat template"):
-        PromptRenderer(NoTemplate(), "{question}", None, True)
-    assert PromptRenderer(NoTemplate(), "{question}", None, False)({"question": "x"}) == "x"
-
-
-# ----------------------------------------------------------------------------- PromptStream
-
-
-ROWS = [{"id": i} for i in range(10)]
-
-
-def ids(batches):
-    return [[r["id"] for r in b] for b in batches]
-
-
-def take(stream: PromptStream, n: int):
-    return [stream.next_batch() for _ in range(n)]
-
-
-def test_stream_covers_each_row_once_per_epoch_and_reshuffles():
-    stream = PromptStream(ROWS, batch_size=4, seed=3)
-    flat = [i for b in ids(take(stream, 10)) for i in b]  # 40 rows = 4 epochs exactly
-    epochs = [flat[k:k + 10] for k in range(0, 40, 10)]
-    for order in epochs:
-        assert sorted(order) == list(range(10))
-    assert len({tuple(o) for o in epochs}) == 4  # a fresh permutation every epoch
-    assert epochs[0] != list(range(10))
-    assert stream.state_dict() == {"epoch": 3, "position": 10}
-    # same seed, same stream; different seed, different order
-    assert [i for b in ids(take(PromptStream(ROWS, 4, seed=3), 10)) for i in b] == flat
-    assert ids(take(PromptStream(ROWS, 4, seed=4), 3)) != ids(take(PromptStream(ROWS, 4, seed=3), 3))
-
-
-def test_stream_without_shuffle_is_in_order_and_wraps():
-    stream = PromptStream(ROWS, batch_size=4, seed=0, shuffle=False)
-    assert ids(take(stream, 3)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
-    assert stream.state_dict() == {"epoch": 1, "position": 2}
-
-
-def test_stream_iter_yields_batches():
-    stream = PromptStream(ROWS, batch_size=3, seed=1)
-    it = iter(stream)
-    first = [next(it) for _ in range(2)]
-    assert ids(first) == ids(take(PromptStream(ROWS, 3, seed=1), 2))
-
-
-@pytest.mark.parametrize("consumed, batch_size", [(0, 4), (1, 4), (2, 4), (3, 4), (7, 4), (2, 5), (4, 5)])
-def test_stream_resume_matches_uninterrupted(consumed, batch_size):
-    uninterrupted = PromptStream(ROWS, batch_size, seed=11)
-    take(uninterrupted, consumed)
-    state = json.loads(json.dumps(uninterrupted.state_dict()))  # survives a JSON round trip
-    if batch_size == 5 and consumed:  # stopped exactly at the end of an epoch, before the wrap
-        assert state == {"epoch": consumed // 2 - 1, "position": 10}
-    expected = ids(take(uninterrupted, 8))
-
-    resumed = PromptStream(ROWS, batch_size, seed=11)
-    take(resumed, 1)  # its own position must be fully overwritten
-    resumed.load_state_dict(state)
-    assert ids(take(resumed, 8)) == expected
 
 
 # ----------------------------------------------------------------------------- MATH
@@ -603,42 +502,3 @@ def test_validate_env_accepts_good_settings(tmp_path):
     validate_env(env_cfg(dataset="quickstart", template="r1_zero"))
     validate_env(env_cfg(dataset="math", test_path=str(path)), ("test",))  # eval on a test file only
     validate_env(env_cfg(dataset="math", train_path=str(path), heldout_fraction=0.1))  # held out of train
-
-
-# ----------------------------------------------------------------------------- templates
-
-
-def test_renderer_r1_zero_exact_text(tok):
-    row = {"question": "What is 2+3?", "answer": "5"}
-    r = PromptRenderer(tok, "{question}", None, True, template="r1_zero")
-    assert r(row) == (
-        "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
-        "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
-        "the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
-        "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
-        "<answer> answer here </answer>.\nUser: What is 2+3?\nAssistant: <think>")
-    assert r.template == "r1_zero" and r.chat is False  # plain text, no chat template
-    custom = PromptRenderer(tok, "Q: {question}", "Think first.", False, template="r1_zero")
-    assert custom(row) == "Think first.\nUser: Q: What is 2+3?\nAssistant: <think>"
-    assert R1_ZERO_INSTRUCTION in r(row)
-
-
-def test_renderer_template_names_and_defaults(tok):
-    row = {"question": "max 1 2"}
-    chat = "<|im_start|>user\nmax 1 2<|im_end|>\n<|im_start|>assistant\n"
-    assert PromptRenderer(tok, "{question}", None, False, template="chat")(row) == chat
-    assert PromptRenderer(tok, "{question}", "sys", True, template="plain")(row) == "max 1 2"
-    assert PromptRenderer(tok, "{question}", None, True).template == "chat"  # template=None: follow `chat`
-    assert PromptRenderer(tok, "{question}", None, False).template == "plain"
-    with pytest.raises(DataError, match=re.escape("env.template='xml' is unknown; expected one of plain, chat, r1_zero")):
-        PromptRenderer(tok, "{question}", None, True, template="xml")
-
-
-def test_renderer_from_config(tok):
-    row = {"question": "max 1 2", "answer": "2"}
-    r = renderer_from_config(env_cfg(template="r1_zero", prompt_format="Task: {question}"), tok)
-    assert r(row).endswith("\nUser: Task: max 1 2\nAssistant: <think>") and r.prompt_format == "Task: {question}"
-    r = renderer_from_config(env_cfg(chat_template=False), tok)  # no template key: chat_template decides
-    assert r(row) == "max 1 2" and r.system_prompt is None and not r.chat
-    r = renderer_from_config(env_cfg(system_prompt="Be brief."), tok)
-    assert r.chat and r(row).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
