@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -9,6 +12,9 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config"
 RECIPES = REPO / "sota-implementations" / "grpo"
+SYNC_RECIPE = RECIPES / "grpo-sync.py"
+ASYNC_RECIPE = RECIPES / "grpo-async.py"
+EVAL_RECIPE = RECIPES / "grpo-eval.py"
 # The shared data sets live next to the checkout (../shared/data), not inside it.
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -29,3 +35,40 @@ def env_cfg(**overrides):
     passes it)."""
     env = OmegaConf.load(CONFIG / "grpo_quickstart.yaml").env
     return OmegaConf.merge(env, OmegaConf.create(overrides))
+
+
+# ----------------------------------------------------------------------------- recipe runs
+
+
+def recipe_command(recipe: Path, *args: str) -> list[str]:
+    """The command line of a recipe run as a user launches it, on one thread. Arguments that start
+    with ``-`` (Hydra flags: ``-m``, ``--config-name=...``) go before the overrides."""
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    return [sys.executable, str(recipe), *flags, "num_threads=1", *overrides]
+
+
+def assert_succeeded(proc: subprocess.CompletedProcess) -> None:
+    if proc.returncode != 0:
+        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def run_recipe(env: dict[str, str], *args: str, recipe: Path = SYNC_RECIPE, check: bool = True,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``recipe`` (grpo-sync.py unless given) from the repository root with the ``env`` fixture's
+    environment; with ``check``, a failed run raises with the tail of its output."""
+    proc = subprocess.run(recipe_command(recipe, *args), env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert_succeeded(proc)
+    return proc
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file (metrics.jsonl), blank lines skipped."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_lines(run_dir: Path) -> list[dict]:
+    """The training-step lines of a run's metrics.jsonl (those with ``reward/mean``)."""
+    return [r for r in read_lines(run_dir / "metrics.jsonl") if "reward/mean" in r]

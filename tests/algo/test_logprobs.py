@@ -16,18 +16,13 @@ from grpo_utils.algo.logprobs import position_ids_from_mask, response_log_probs
 from grpo_utils.algo.losses import ClippedSurrogateLoss
 from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.data.prompts import PromptRenderer, PromptStream
-from grpo_utils.models.tiny import build_model, build_tokenizer
+from grpo_utils.models.tiny import build_model
 from grpo_utils.rewards import RewardFunction
 from grpo_utils.rollout.group import GroupRollout, generation_kwargs, response_mask
 from grpo_utils.train.trainer import PolicyTrainer
 from tests.helpers import EOS, PAD, train_cfg
 
 GROUP = 4
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 def eos_prone_model(tok, eos_scale: float = 20.0):

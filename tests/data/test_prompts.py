@@ -10,15 +10,9 @@ import pytest
 
 from grpo_utils.data.datasets import DataError
 from grpo_utils.data.prompts import R1_ZERO_INSTRUCTION, PromptRenderer, PromptStream, renderer_from_config
-from grpo_utils.models.tiny import build_tokenizer
 from tests.helpers import env_cfg
 
 # ----------------------------------------------------------------------------- PromptRenderer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 def test_renderer_chat_template_exact_text(tok):

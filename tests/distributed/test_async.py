@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,24 +12,18 @@ import pytest
 
 pytest.importorskip("ray")
 
-from grpo_utils.models.tiny import save_tiny  # noqa: E402
-from tests.helpers import RECIPES, REPO  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    ASYNC_RECIPE,
+    REPO,
+    SYNC_RECIPE,
+    assert_succeeded,
+    recipe_command,
+    run_recipe,
+    train_lines,
+)
 
-RECIPE = RECIPES / "grpo-async.py"
-SYNC_RECIPE = RECIPES / "grpo-sync.py"
+RECIPE = ASYNC_RECIPE
 RAY_DAEMONS = ("raylet", "gcs_server")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=1)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    cache = os.environ.get("GRPO_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
-    return {**os.environ, "GRPO_CACHE_DIR": cache, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline",
-            "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def ray_daemons() -> set[int]:
@@ -48,12 +41,12 @@ def assert_no_new_ray_processes(before: set[int], grace_s: float = 10.0) -> None
 
 def run_async(env, *overrides: str, recipe: Path = RECIPE, timeout: float = 120,
               check: bool = True) -> subprocess.CompletedProcess:
+    """run_recipe, checking that the run leaves no Ray process behind (also when it fails)."""
     before = ray_daemons()
-    proc = subprocess.run([sys.executable, str(recipe), "num_threads=1", *overrides], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = run_recipe(env, *overrides, recipe=recipe, timeout=timeout, check=False)
     assert_no_new_ray_processes(before)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    if check:
+        assert_succeeded(proc)
     return proc
 
 
@@ -68,11 +61,6 @@ def tiny_overrides(tiny_dir: Path, run_dir: Path, *extra: str) -> list[str]:
             "env.group_size=4", "train.optim_batch_size=4", "train.grad_accum_steps=2",
             "generation.max_new_tokens=6", "eval.heldout_size=8", "eval.every_n_steps=0", "mode.actor_timeout_s=30",
             *extra]
-
-
-def train_lines(run_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in lines if "reward/mean" in r]
 
 
 def test_async_run_bounded_staleness_and_advancing_version(env, tiny_dir, tmp_path):
@@ -234,7 +222,7 @@ def test_interrupted_run_checkpoints_the_step_reached_and_leaves_no_ray_process(
     before = ray_daemons()
     # A shell's background job inherits SIGINT ignored, and Python then never raises
     # KeyboardInterrupt: give the run the default disposition, as a terminal would.
-    proc = subprocess.Popen([sys.executable, str(recipe), "num_threads=1", *overrides], env=env, cwd=REPO,
+    proc = subprocess.Popen(recipe_command(recipe, *overrides), env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90

@@ -7,7 +7,6 @@ import math
 import re
 from fractions import Fraction
 from itertools import combinations
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +29,6 @@ from grpo_utils.eval.evaluate import (
     validate_eval_config,
 )
 from grpo_utils.models.loading import load_tokenizer
-from grpo_utils.models.tiny import save_tiny
 from grpo_utils.rewards import RewardFunction
 from tests.helpers import CONFIG
 
@@ -119,11 +117,6 @@ def test_extract_answer(completion, expected):
 
 
 # ----------------------------------------------------------------------------- evaluate
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=1)
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,6 @@ def chat(tok, content, system=None):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def reloaded_tok(tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("tok")
     tok.save_pretrained(path)

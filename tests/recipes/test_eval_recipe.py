@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from grpo_utils.models.tiny import save_tiny
-from tests.helpers import RECIPES, REPO
-
-RECIPE = RECIPES / "grpo-eval.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=1)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    cache = os.environ.get("GRPO_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
-    return {**os.environ, "GRPO_CACHE_DIR": cache, "HYDRA_FULL_ERROR": "0"}
+from tests.helpers import EVAL_RECIPE, run_recipe
 
 
 def run_eval(env, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(RECIPE), "num_threads=1", *overrides], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return run_recipe(env, *overrides, recipe=EVAL_RECIPE, check=False, timeout=300)
 
 
 @pytest.mark.slow

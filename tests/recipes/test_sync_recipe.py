@@ -3,49 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from grpo_utils.models.tiny import save_tiny
-from tests.helpers import RECIPES, REPO
+from tests.helpers import CONFIG, read_lines, run_recipe, train_lines
 from tests.helpers import SHARED_DATA as SHARED
-
-RECIPE = RECIPES / "grpo-sync.py"
 
 REQUIRED_KEYS = {"step", "reward/mean", "reward/std", "advantage/mean", "loss", "clip_fraction", "entropy",
                  "response_length/mean", "grad_norm", "lr", "time/generate_s", "time/train_s", "tokens_per_s"}
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=1)
-
-
-@pytest.fixture(scope="session")
-def env(tmp_path_factory) -> dict[str, str]:
-    cache = os.environ.get("GRPO_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
-    return {**os.environ, "GRPO_CACHE_DIR": cache, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
-
-
-def run_recipe(env, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    flags = [o for o in overrides if o.startswith("-")]
-    overrides = tuple(o for o in overrides if not o.startswith("-"))
-    proc = subprocess.run([sys.executable, str(RECIPE), *flags, "num_threads=1", *overrides], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def tiny_overrides(tiny_dir: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -63,7 +32,7 @@ def test_quickstart_learns_across_seeds(env, tmp_path):
         run_dir = sweep / str(seed)
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["heldout_accuracy_after"] - summary["heldout_accuracy_before"] >= 0.3, summary
-        lines = [r for r in read_lines(run_dir / "metrics.jsonl") if "reward/mean" in r]
+        lines = train_lines(run_dir)
         assert [r["step"] for r in lines] == list(range(1, summary["steps_done"] + 1))
         assert REQUIRED_KEYS <= lines[0].keys()
         assert (run_dir / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
@@ -117,7 +86,7 @@ def test_resume_continues_exactly(env, tiny_dir, tmp_path, engine):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
 
-PRESETS = sorted(p.stem for p in (REPO / "config" / "loss").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONFIG / "loss").glob("*.yaml"))
 
 
 def test_every_loss_preset_trains_in_the_recipe(env, tiny_dir, tmp_path):
@@ -130,7 +99,7 @@ def test_every_loss_preset_trains_in_the_recipe(env, tiny_dir, tmp_path):
         run_dir = sweep / str(num)
         config = (run_dir / ".hydra" / "overrides.yaml").read_text()
         assert f"loss={name}" in config
-        train = [r for r in read_lines(run_dir / "metrics.jsonl") if "reward/mean" in r]
+        train = train_lines(run_dir)
         assert [r["step"] for r in train] == [1, 2], name
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train), name
         if name == "dapo":
@@ -142,7 +111,7 @@ def test_kl_in_reward_penalizes_after_the_policy_moves(env, tiny_dir, tmp_path):
     run_dir = tmp_path / "rloo_kl"
     run_recipe(env, *tiny_overrides(tiny_dir, run_dir, "loss=rloo", "loss.kl_coef=0.5", "loss.entropy_coef=0.5", "train.max_steps=3",
                                     "train.lr=0.05", "eval.every_n_steps=0", "eval.before_after=false"))
-    train = [r for r in read_lines(run_dir / "metrics.jsonl") if "reward/mean" in r]
+    train = train_lines(run_dir)
     assert train[0]["kl_reward_penalty/mean"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
     assert abs(train[2]["kl_reward_penalty/mean"]) > 1e-6
     resolved = (run_dir / ".hydra" / "config.yaml").read_text()
@@ -202,7 +171,7 @@ def test_task_config_runs_one_step(env, tiny_dir, tmp_path, config):
                "device=cpu", "model.dtype=float32", "model.gradient_checkpointing=false", "env.num_prompts=2",
                "env.group_size=4", "train.optim_batch_size=8", "train.grad_accum_steps=2", "train.max_steps=1",
                "generation.max_new_tokens=8", "eval.heldout_size=4", "eval.every_n_steps=0", "eval.k=2")
-    train = [r for r in read_lines(run_dir / "metrics.jsonl") if "reward/mean" in r]
+    train = train_lines(run_dir)
     assert len(train) == 1 and REQUIRED_KEYS <= train[0].keys()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0.0 <= summary["heldout_accuracy_after"] <= 1.0

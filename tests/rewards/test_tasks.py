@@ -421,14 +421,11 @@ def test_validation_happens_before_any_reward_is_built(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_reward_model(tmp_path_factory):
+def tiny_reward_model(tmp_path_factory, tok):
     import torch
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-    from grpo_utils.models.tiny import build_tokenizer
-
     path = tmp_path_factory.mktemp("tiny_rm")
-    tok = build_tokenizer()
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1, bos_token_id=None,

@@ -10,16 +10,16 @@ from omegaconf import OmegaConf
 from grpo_utils.algo.shaping import RolloutShaping
 from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.data.prompts import PromptRenderer, PromptStream
-from grpo_utils.models.tiny import build_model, build_tokenizer
+from grpo_utils.models.tiny import build_model
 from grpo_utils.rewards import RewardFunction
 from grpo_utils.rollout.group import GroupRollout, generation_kwargs
+from tests.helpers import EOS, PAD
 
-G, P, EOS, PAD = 2, 3, 257, 0
+G, P = 2, 3
 
 
 @pytest.fixture(scope="module")
-def rollout():
-    tok = build_tokenizer()
+def rollout(tok):
     gen = OmegaConf.create(dict(max_new_tokens=10, min_new_tokens=0, temperature=1.0, top_p=1.0, top_k=0))
     return GroupRollout(build_model(tok, hidden_size=16, num_layers=1), tok, PromptRenderer(tok, "{question}", None, True),
                         RewardFunction("numeric_answer"), generation_kwargs(gen), G,

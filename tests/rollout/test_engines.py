@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.data.prompts import PromptRenderer, PromptStream
-from grpo_utils.models.tiny import build_model, build_tokenizer
+from grpo_utils.models.tiny import build_model
 from grpo_utils.rewards import RewardFunction
 from grpo_utils.rollout.collector import CollectorRollout
 from grpo_utils.rollout.group import GroupRollout, generation_kwargs, make_generator
@@ -18,16 +18,6 @@ from grpo_utils.rollout.group import GroupRollout, generation_kwargs, make_gener
 tensordict.set_list_to_stack(True).set()
 GEN = OmegaConf.create(dict(max_new_tokens=5, min_new_tokens=0, temperature=1.0, top_p=1.0, top_k=0))
 P, G = 3, 4
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return build_model(tok, hidden_size=32, num_layers=1).eval()
 
 
 def make(cls, model, tok, rows, system_prompt=None):

@@ -16,16 +16,10 @@ from tensordict import TensorDict
 from grpo_utils.algo.advantages import group_advantages
 from grpo_utils.algo.logprobs import response_log_probs
 from grpo_utils.algo.losses import ClippedSurrogateLoss
-from grpo_utils.models.tiny import build_model, build_tokenizer
+from grpo_utils.models.tiny import build_model
 from grpo_utils.rollout.group import response_mask
 from grpo_utils.train.trainer import PolicyTrainer, make_optimizer, warmup_cosine
 from tests.helpers import EOS, PAD, train_cfg
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
 
 PROMPT_LENGTHS = [3, 9, 5, 7, 4, 8, 6, 9]
 RESPONSE_LENGTHS = [5, 1, 3, 5, 2, 4, 5, 3]  # ragged; < 5 means it ended with EOS
