@@ -1,8 +1,27 @@
 """Fixtures shared by the whole test suite.
 
+The tests mirror the package: tests/<area>/test_<module>.py tests grpo_utils/<area>/<module>.py;
+tests/recipes/ launches the recipes (sota-implementations/grpo/*.py) through Hydra, end to end.
+
+Running a part of the suite (from the repository root):
+
+    python -m pytest                       # everything (what `make test` runs)
+    python -m pytest -m "not slow"         # the quick subset: no recipe runs, no Ray cluster
+    python -m pytest -m slow               # only the slow ones: recipe runs and Ray
+    python -m pytest -m ray                # only the tests that start Ray
+    python -m pytest -m "slow and not ray" # the recipe runs without Ray
+    python -m pytest tests/algo            # one area
+
+Markers (registered in pyproject.toml): ``slow`` marks end-to-end runs (every test in
+tests/recipes/, the Ray recipe runs in tests/distributed/test_async.py and the Ray-cluster tests in
+tests/distributed/test_weight_sync.py); ``ray`` marks the tests that start Ray, all of which are
+also ``slow``. Nothing is deselected by default.
+
 The tiny tokenizer and model (grpo_utils.models.tiny) are built here once; a saved copy of the
 tiny model is what the end-to-end recipe runs load with ``model.name=<dir>``. Helper functions
-and repository paths are in tests/helpers.py.
+(``run_recipe``, ``train_cfg``, ...) and repository paths are in tests/helpers.py, imported as
+``from tests.helpers import ...`` (tests/ is a package, so pytest puts the repository root on
+sys.path).
 """
 
 from __future__ import annotations

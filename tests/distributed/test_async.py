@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # recipe runs in the Ray modes, in a subprocess
 
 from tests.helpers import (  # noqa: E402
     ASYNC_RECIPE,

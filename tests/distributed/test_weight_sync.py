@@ -137,6 +137,8 @@ def edit(model: torch.nn.Module, delta: float) -> None:
             v.add_(delta if v.is_floating_point() else 1)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("kind", KINDS)
 def test_push_reaches_every_actor(actors, kind):
     # Small buckets: the collective path packs many buckets, mixed dtypes and unaligned sizes.
@@ -185,6 +187,8 @@ def test_backend_negotiation():
         CollectiveWeightSync(backend="mpi")
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_collective_receiver_count_is_checked(ray_cluster, actors):
     sync = CollectiveWeightSync(num_receivers=2)
     try:
@@ -212,6 +216,8 @@ def test_bucket_plan_round_trip():
     assert_same(_unpack(buffers, slots), state)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_collective_close_then_new_group(actors):
     first = attach("collective", actors)
     trainer = make_model(seed=11)
@@ -236,6 +242,8 @@ def test_collective_close_then_new_group(actors):
         second.close()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_collective_layout_mismatch_aborts_push_and_group_survives(actors):
     sync = attach("collective", actors, timeout_s=20)
     try:
@@ -249,6 +257,8 @@ def test_collective_layout_mismatch_aborts_push_and_group_survives(actors):
         sync.close()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_collective_connect_times_out_naming_the_side(actors):
     sync = CollectiveWeightSync(timeout_s=2.0)
     receivers = [sync.receiver(0), sync.receiver(1)]
@@ -262,6 +272,8 @@ def test_collective_connect_times_out_naming_the_side(actors):
     sync.close()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_collective_push_names_a_dead_collector(ray_cluster):
     """A collector that dies between pushes is named (not its peers, whose receive merely broke)."""
     doomed = [StandInCollector.remote(None, seed=i) for i in range(2)]

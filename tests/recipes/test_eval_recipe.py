@@ -10,12 +10,13 @@ import pytest
 
 from tests.helpers import EVAL_RECIPE, run_recipe
 
+pytestmark = pytest.mark.slow  # each test launches the recipe in a subprocess
+
 
 def run_eval(env, *overrides: str) -> subprocess.CompletedProcess:
     return run_recipe(env, *overrides, recipe=EVAL_RECIPE, check=False, timeout=300)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["quickstart", "countdown"])
 def test_grpo_eval_end_to_end(env, tiny_dir, tmp_path, dataset):
     run_dir = tmp_path / "run"
@@ -40,7 +41,6 @@ def test_grpo_eval_end_to_end(env, tiny_dir, tmp_path, dataset):
         assert all("numbers" not in s and s["answer"].isdigit() for s in samples)
 
 
-@pytest.mark.slow
 def test_grpo_eval_bad_input_fails_fast_with_one_line(env, tiny_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q2"}\n')

@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM
 from tests.helpers import CONFIG, read_lines, run_recipe, train_lines
 from tests.helpers import SHARED_DATA as SHARED
 
+pytestmark = pytest.mark.slow  # each test launches the recipe in a subprocess
+
 REQUIRED_KEYS = {"step", "reward/mean", "reward/std", "advantage/mean", "loss", "clip_fraction", "entropy",
                  "response_length/mean", "grad_norm", "lr", "time/generate_s", "time/train_s", "tokens_per_s"}
 
