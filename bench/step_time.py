@@ -34,7 +34,7 @@ def recipe_steps(model_dir: Path, run_dir: Path, a: argparse.Namespace) -> list[
            f"env.num_prompts={a.prompts}", f"env.group_size={a.group}",
            f"train.optim_batch_size={a.prompts * a.group}", f"train.max_steps={a.steps}",
            f"generation.max_new_tokens={a.tokens}", f"generation.min_new_tokens={a.tokens}",
-           "train.lr=1e-5", "eval.before_after=false", "eval.every_n_steps=0", "checkpoint.every_n_steps=0"]
+           "optimizer.lr=1e-5", "eval.before_after=false", "eval.every_n_steps=0", "checkpoint.every_n_steps=0"]
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
     stamps = [json.loads(line)["time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [b - a_ for a_, b in zip(stamps, stamps[1:])][a.warmup:]

@@ -33,8 +33,12 @@ def train_cfg(**overrides):
 def env_cfg(**overrides):
     """The shipped quick start config's ``env:`` section with overrides (a DictConfig, as the recipe
     passes it)."""
-    env = OmegaConf.load(CONFIG / "grpo_quickstart.yaml").env
-    return OmegaConf.merge(env, OmegaConf.create(overrides))
+    from grpo_utils.config.schema import EnvConfig
+
+    env = OmegaConf.structured(EnvConfig)  # the schema's env section: the quick start's
+    env = OmegaConf.merge(env, OmegaConf.create(overrides))
+    OmegaConf.set_struct(env, False)  # tests also leave keys out, as a partial config would
+    return env
 
 
 # ----------------------------------------------------------------------------- recipe runs

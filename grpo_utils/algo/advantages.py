@@ -19,6 +19,8 @@ Two independent choices make an advantage:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 ESTIMATORS = ("grpo", "rloo", "none")
@@ -79,26 +81,32 @@ def zero_advantage_group_fraction(rewards: torch.Tensor, group_size: int) -> flo
     return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean().item()
 
 
-def assign_advantages(batch, loss_fn, estimator: str, scale: str, eps: float, group_size: int) -> dict[str, float]:
-    """Sets ``batch["advantage"]`` from its rewards, after the loss's reward-side terms.
+class AdvantageStage:
+    """Rewards to advantages for one scored batch, in the order the papers use: a KL-in-reward
+    penalty (``kl_penalty``: the loss's ``reward_penalty``, needs ``old_log_probs`` and
+    ``ref_log_probs`` in the batch) is subtracted from the rewards first, then group advantages
+    are computed, then DAPO's overlong filtering (``overlong_mask``) removes truncated samples
+    from the loss mask (not from the attention mask, and not from the group statistics)."""
 
-    Order matters and follows the papers: a KL-in-reward penalty (needs ``old_log_probs`` and
-    ``ref_log_probs`` in the batch) is subtracted from the reward first, then group advantages
-    are computed, then DAPO's overlong filtering removes truncated samples from the loss mask
-    (not from the attention mask, and not from the group statistics).
-    """
-    stats: dict[str, float] = {}
-    if getattr(loss_fn, "kl_in_reward", False):
-        penalty = loss_fn.reward_penalty(batch["old_log_probs"], batch["ref_log_probs"], batch["response_mask"])
-        batch["reward"] = batch["reward"] - penalty.to(batch["reward"].dtype)
-        stats["kl_reward_penalty/mean"] = penalty.mean().item()
-    advantages = group_advantages(batch["reward"], group_size, scale, eps, estimator)
-    batch["advantage"] = advantages
-    shaping = getattr(loss_fn, "rollout_shaping", None)
-    if shaping is not None and shaping.overlong_mask:
-        from grpo_utils.algo.shaping import truncation_mask
+    def __init__(self, estimator: str, scale: str, eps: float, group_size: int,
+                 kl_penalty: Callable[..., torch.Tensor] | None = None, overlong_mask: bool = False):
+        check_advantage_config(estimator, scale, eps)
+        self.estimator, self.scale, self.eps, self.group_size = estimator, scale, eps, group_size
+        self.kl_penalty, self.overlong_mask = kl_penalty, overlong_mask
 
-        batch["response_mask"] = batch["response_mask"] & truncation_mask(batch["truncated"])[:, None]
-    stats.update({"advantage/mean": advantages.mean().item(),
-                  "advantage/std": advantages.std().item() if advantages.numel() > 1 else 0.0})
-    return stats
+    def __call__(self, batch) -> dict[str, float]:
+        """Sets ``batch["advantage"]`` (and updates ``reward``/``response_mask``); returns stats."""
+        stats: dict[str, float] = {}
+        if self.kl_penalty is not None:
+            penalty = self.kl_penalty(batch["old_log_probs"], batch["ref_log_probs"], batch["response_mask"])
+            batch["reward"] = batch["reward"] - penalty.to(batch["reward"].dtype)
+            stats["kl_reward_penalty/mean"] = penalty.mean().item()
+        advantages = group_advantages(batch["reward"], self.group_size, self.scale, self.eps, self.estimator)
+        batch["advantage"] = advantages
+        if self.overlong_mask:
+            from grpo_utils.algo.shaping import truncation_mask
+
+            batch["response_mask"] = batch["response_mask"] & truncation_mask(batch["truncated"])[:, None]
+        stats.update({"advantage/mean": advantages.mean().item(),
+                      "advantage/std": advantages.std().item() if advantages.numel() > 1 else 0.0})
+        return stats

@@ -33,9 +33,6 @@ from typing import Any
 
 import torch
 
-from grpo_utils.algo.advantages import check_advantage_config
-from grpo_utils.algo.shaping import RolloutShaping
-
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant_sum")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACEMENTS = ("loss", "reward")
@@ -239,12 +236,9 @@ class PolicyLoss(torch.nn.Module):
       invariance). Only the policy term is weighted, not the KL or entropy terms. When
       ``rollout_log_probs`` is None (the default: sampling and training share weights and code)
       these settings do nothing and no mismatch metrics are logged.
-    * ``advantage_estimator``, ``advantage_scale``: the advantage this objective is defined on
-      (see ``grpo_utils.algo.advantages``); the loss does not use them, the config's ``advantage``
-      section defaults to them.
-    * ``dynamic_sampling``, ``max_resample_rounds``, ``overlong_mask``, ``overlong_penalty``,
-      ``overlong_cache_len``: rollout-level settings (DAPO), exposed as :attr:`rollout_shaping`;
-      see ``grpo_utils.algo.shaping``.
+
+    The advantage an objective is defined on (``advantage.*``) and DAPO's rollout shaping
+    (``shaping.*``) are stages of their own; a loss preset (``config/loss/``) sets them together.
 
     Metrics (detached scalars, token means over the micro-batch): ``loss/policy``,
     ``clip_fraction`` (``/low``, ``/high``), ``ratio/mean``, ``ess`` (normalized effective sample
@@ -271,13 +265,6 @@ class PolicyLoss(torch.nn.Module):
         is_correction: str = "none",
         is_cap: float = 2.0,
         is_mask_threshold: float = 2.0,
-        advantage_estimator: str = "grpo",
-        advantage_scale: str = "group_std",
-        dynamic_sampling: bool = False,
-        max_resample_rounds: int = 0,
-        overlong_mask: bool = False,
-        overlong_penalty: float = 0.0,
-        overlong_cache_len: int | None = None,
     ) -> None:
         super().__init__()
         _check_non_negative("kl_coef", kl_coef)
@@ -296,7 +283,6 @@ class PolicyLoss(torch.nn.Module):
         _check_choice("is_correction", is_correction, IS_CORRECTIONS)
         _check_positive("is_cap", is_cap)
         _check_positive("is_mask_threshold", is_mask_threshold)
-        check_advantage_config(advantage_estimator, advantage_scale, 0.0, prefix="advantage_")
         self.kl_coef = kl_coef
         self.kl_estimator = kl_estimator
         self.kl_in = kl_in
@@ -307,15 +293,6 @@ class PolicyLoss(torch.nn.Module):
         self.is_correction = is_correction
         self.is_cap = is_cap
         self.is_mask_threshold = is_mask_threshold
-        self.advantage_estimator = advantage_estimator
-        self.advantage_scale = advantage_scale
-        self.rollout_shaping = RolloutShaping(
-            dynamic_sampling=dynamic_sampling,
-            max_resample_rounds=max_resample_rounds,
-            overlong_mask=overlong_mask,
-            overlong_penalty=overlong_penalty,
-            overlong_cache_len=overlong_cache_len,
-        )
 
     @classmethod
     def config_keys(cls) -> list[str]:

@@ -33,10 +33,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from grpo_utils.errors import DataError
+
 DATASETS = ("quickstart", "gsm8k", "math", "ifeval", "countdown", "jsonl")
 FILE_DATASETS = ("gsm8k", "math", "ifeval", "jsonl")
 GENERATED_DATASETS = ("quickstart", "countdown")
 TEMPLATES = ("plain", "chat", "r1_zero")
+# The reward each dataset is scored with when ``reward.name`` is null (jsonl has none of its own).
+DATASET_REWARDS = {"quickstart": "numeric_answer", "gsm8k": "gsm8k", "math": "math", "ifeval": "ifeval",
+                   "countdown": "countdown"}
 SPLITS = ("train", "test")
 
 # The held-out slice of a training file does not depend on the run's seed, so runs with different
@@ -45,10 +50,6 @@ HELDOUT_SEED = 0
 
 COUNTDOWN_DEFAULTS = {"num_train": 10000, "num_test": 200, "seed": 0, "min_numbers": 3, "max_numbers": 4,
                       "max_number": 99, "max_target": 999}
-
-
-class DataError(ValueError):
-    """A data file or row is not what the config says it should be."""
 
 
 class BadRow(ValueError):

@@ -33,12 +33,10 @@ from omegaconf import OmegaConf
 from ray.util.queue import Empty, Full
 from tensordict import TensorDict
 
+from grpo_utils.errors import CollectorFailed
+
 # Test hook: a collector exits (as a crash would) once it has produced this many batches.
 DIE_AFTER_ENV = "GRPO_TEST_COLLECTOR_DIES_AFTER"
-
-
-class CollectorFailed(RuntimeError):
-    """A collector actor died or stopped answering; the message says which and why."""
 
 
 class CollectorDied(CollectorFailed):
@@ -58,21 +56,6 @@ def staleness_stats(ages: torch.Tensor) -> dict[str, float]:
     return {"staleness/mean": ages.float().mean().item(), "staleness/max": int(ages.max())}
 
 
-@torch.no_grad()
-def behaviour_log_probs(model, batch: TensorDict, temperature: float, micro_batch_size: int) -> torch.Tensor:
-    """Exact log-probs of the sampled response tokens under ``model`` (the weights that sampled)."""
-    from grpo_utils.algo.logprobs import response_log_probs
-
-    was_training = model.training
-    model.eval()
-    out = []
-    for mb in batch.split(micro_batch_size):
-        start = mb["input_ids"].shape[1] - mb["response_mask"].shape[1]
-        out.append(response_log_probs(model, mb["input_ids"], mb["attention_mask"], start, temperature)[0])
-    model.train(was_training)
-    return torch.cat(out)
-
-
 class RolloutWorker:
     """Body of a collector actor (wrapped with ``ray.remote`` by :func:`make_collector_class`).
 
@@ -84,37 +67,29 @@ class RolloutWorker:
         import tensordict
 
         tensordict.set_list_to_stack(True).set()
-        from grpo_utils.algo.advantages import assign_advantages
-        from grpo_utils.algo.losses import build_loss
-        from grpo_utils.config import seed_everything
+        from grpo_utils import build
+        from grpo_utils.config.validate import seed_everything
         from grpo_utils.data.datasets import load_split
-        from grpo_utils.data.prompts import PromptStream, renderer_from_config
-        from grpo_utils.models.loading import load_policy
-        from grpo_utils.rewards import build_reward
-        from grpo_utils.rollout.group import GroupRollout, generation_kwargs
+        from grpo_utils.data.prompts import PromptStream
 
         cfg = OmegaConf.create(cfg)
         torch.set_num_threads(max(1, int(cfg.mode.get("collector_cpus", 1))))
         seed = cfg.seed + 1000 * (worker_index + 1)
         seed_everything(seed)
-        use_gpu = cfg.mode.get("collector_gpus", 0) and torch.cuda.is_available()
-        self.model, tokenizer, _ = load_policy(cfg.model, torch.device("cuda" if use_gpu else "cpu"))
+        use_gpu = cfg.inference_model.num_devices and torch.cuda.is_available()
+        # The same builders as the trainer's (grpo_utils.build), so a part is configured one way.
+        self.model, tokenizer = build.policy(cfg, torch.device("cuda" if use_gpu else "cpu"), for_training=False)
         self.model.eval()
-        self.loss_fn = build_loss(cfg.loss)  # the trainer's loss: its rollout shaping and reward-side terms
+        self.loss_fn = build.loss(cfg.loss)  # the trainer's loss: its rollout shaping and reward-side terms
         self.cfg = cfg
-        self.assign_advantages = assign_advantages
+        self.advantages = build.advantage_stage(cfg, self.loss_fn)
         # Each collector walks its own seeded permutation of the training rows; collector 0 the
         # same one as the local loop, so a run can switch between mode.ray=false/true on resume.
         self.stream = PromptStream(load_split(cfg.env, "train"), cfg.env.num_prompts,
                                    seed=cfg.seed + 1000 * worker_index, shuffle=cfg.env.shuffle)
-        parts = (self.model, tokenizer, renderer_from_config(cfg.env, tokenizer), build_reward(cfg.reward),
-                 generation_kwargs(cfg.generation), cfg.env.group_size, self.stream)
-        if cfg.rollout.engine == "collector":  # TorchRL's LLMCollector over a DatasetChatEnv, in the actor
-            from grpo_utils.rollout.collector import CollectorRollout
-
-            self.rollout = CollectorRollout(*parts)
-        else:
-            self.rollout = GroupRollout(*parts, keep_rollout_log_probs=self.loss_fn.needs_rollout_log_probs)
+        renderer = build.renderer(cfg.env, tokenizer, self.stream.rows[0])
+        self.rollout = build.rollout(cfg, self.model, tokenizer, renderer, build.reward(cfg), self.stream,
+                                     self.loss_fn)
         self.micro_batch_size = cfg.train.optim_batch_size // cfg.train.grad_accum_steps
         self.timeout_s = float(cfg.mode.get("actor_timeout_s", 120.0))
         self.worker_index = worker_index
@@ -164,21 +139,16 @@ class RolloutWorker:
 
     def collect_batch(self, min_version: int = 0) -> dict[str, Any]:
         """One scored batch from weights of at least ``min_version``, as a picklable payload."""
+        from grpo_utils.algo.logprobs import add_behaviour_log_probs
         from grpo_utils.train.checkpoint import capture_rng_state
 
         if self.die_after and self.batches >= self.die_after:
             os._exit(1)  # simulates a crash (test hook)
         self._apply_pending(min_version)
-        batch, stats = self.rollout.collect(policy_version=self.version, shaping=self.loss_fn.rollout_shaping)
-        batch["old_log_probs"] = behaviour_log_probs(self.model, batch, self.cfg.generation.temperature,
-                                                     self.micro_batch_size)
-        if "rollout_log_probs" in batch.keys():
-            # TorchRL's wrapper reports 0 for the first sampled token: use the exact value there.
-            batch["rollout_log_probs"][:, 0] = batch["old_log_probs"][:, 0]
+        batch, stats = self.rollout.collect(policy_version=self.version)
+        add_behaviour_log_probs(self.model, batch, self.cfg.generation.temperature, self.micro_batch_size)
         if not self.loss_fn.kl_in_reward:  # a KL-in-reward penalty needs the trainer's reference model
-            adv = self.cfg.advantage
-            stats |= self.assign_advantages(batch, self.loss_fn, adv.estimator, adv.scale, adv.eps,
-                                            self.cfg.env.group_size)
+            stats |= self.advantages(batch)
         self.batches += 1
         return {"tensors": {k: v.detach().cpu() for k, v in batch.items()}, "size": batch.batch_size[0],
                 "stats": stats, "worker": self.worker_index,
@@ -361,8 +331,8 @@ class RayRollout:
         self.version = 0
         self._in_flight = None
 
-    def collect(self, shaping=None) -> tuple[TensorDict, dict[str, float]]:
-        # ``shaping`` is applied inside the actor (it builds the same loss from the config).
+    def collect(self) -> tuple[TensorDict, dict[str, float]]:
+        # Rollout shaping is applied inside the actor (it builds the same parts from the config).
         ref = self._in_flight or self.pool.request(0, self.version)
         payload = self.pool.result(ref, 0, self.version)
         self._in_flight = None if self.sync_iter else self.pool.request(0, self.version)
@@ -380,12 +350,48 @@ class RayRollout:
         regenerated after a resume, so nothing is skipped)."""
         return {"collector": self.pool.consumed.get(0)}
 
+    def checkpoint_state(self) -> dict:
+        return {"prompts": self.data_state()}
+
     def load_data_state(self, state: dict) -> None:
         """Accepts this class's state or the local loop's (a bare prompt-stream position)."""
         collector = state.get("collector") if "collector" in state else {"prompts": state, "rng": None, "version": 0}
         if collector is not None:
             self.pool.consumed[0] = collector
             self.pool.wait_for(self.pool.actors[0].load_state.remote(collector), what="load its state")
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class StreamedBatches:
+    """The async loop's batches: collector actors keep generating into a bounded queue; a batch
+    more than ``max_staleness`` policy versions old is dropped whole (it comes from one generation
+    round, so its samples share one version) and counted in ``samples_dropped``."""
+
+    def __init__(self, pool: CollectorPool, max_staleness: int, version: int = 0):
+        self.pool, self.max_staleness, self.dropped = pool, max_staleness, 0
+        self.version = pool.version = version
+
+    def collect(self) -> tuple[TensorDict, dict[str, float]]:
+        while True:
+            payload, queue_size = self.pool.get()
+            batch = payload_to_batch(payload)
+            ages = sample_ages(batch["policy_version"], self.version)
+            if int(ages.max()) <= self.max_staleness:
+                break
+            self.dropped += int((ages > self.max_staleness).sum())
+        stats = dict(payload["stats"]) | staleness_stats(ages)
+        return batch, stats | {"buffer/size": queue_size, "samples_dropped": self.dropped,
+                               "collector": payload["worker"], "collector_restarts": self.pool.restarts}
+
+    def sync_weights(self, model: torch.nn.Module, version: int) -> None:
+        self.version = version
+        self.pool.push_weights(model, version)
+
+    def checkpoint_state(self) -> dict:
+        """Each collector's position after the last batch the trainer took from it."""
+        return {"collectors": self.pool.consumed}
 
     def close(self) -> None:
         self.pool.close()

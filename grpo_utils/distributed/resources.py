@@ -11,30 +11,12 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-# The Ray keys of ``mode`` and their defaults, per mode (read with OmegaConf.select, so a
-# config that leaves one out gets the default).
-SHARED_DEFAULTS = {
-    "collector_cpus": 1,         # Ray CPUs reserved per collector actor
-    "collector_gpus": 0,         # Ray GPUs per collector actor (0: it generates on CPU)
-    "trainer_cpus": 1,           # cores kept for the trainer (the driver process)
-    "cluster_cpus": None,        # CPUs the machine offers; null: os.cpu_count()
-    "actor_timeout_s": 120.0,    # longest wait on any actor/queue call before the run stops
-    "weight_sync": "object_store",  # how weights reach the collectors: object_store | collective
-    "max_restarts": 0,           # collector actors that die are restarted this many times in all, then the run stops
-    "ray_address": None,         # null: a local cluster sized to the plan; "auto" or host:port: join a running one
-}
-SYNC_DEFAULTS = {
-    "ray": False,                # true: generate in a Ray collector actor with its own copy of the policy
-    "sync_iter": True,           # true: policy age 0; false: next batch generated while training (age <= 1)
-    **SHARED_DEFAULTS,
-}
-ASYNC_DEFAULTS = {
-    "num_collectors": 1,         # collector actors, each with its own copy of the policy
-    **SHARED_DEFAULTS,
-    "max_staleness": 1,          # drop samples generated more than this many policy versions ago
-    "weight_update_frequency": 1,  # push weights to the collectors every N optimizer steps
-    "buffer_size": 2,            # rollout batches the queue holds before collectors block
-}
+from grpo_utils.config.schema import AsyncModeConfig, SyncModeConfig, defaults_of
+
+# The keys of ``mode`` and their defaults, per mode, from the schema (read with OmegaConf.select,
+# so a partial config gets the default).
+SYNC_DEFAULTS = defaults_of(SyncModeConfig, exclude=("name",))
+ASYNC_DEFAULTS = defaults_of(AsyncModeConfig, exclude=("name",))
 MODE_DEFAULTS = {"sync": SYNC_DEFAULTS, "async": ASYNC_DEFAULTS}
 WEIGHT_SYNCS = ("object_store", "collective")
 
@@ -42,6 +24,11 @@ WEIGHT_SYNCS = ("object_store", "collective")
 def mode_opt(cfg: DictConfig, key: str):
     defaults = MODE_DEFAULTS[cfg.mode.name]
     return OmegaConf.select(cfg, f"mode.{key}", default=defaults.get(key, ASYNC_DEFAULTS.get(key)))
+
+
+def collector_gpus(cfg: DictConfig) -> float:
+    """GPUs per collector actor: ``inference_model.num_devices``."""
+    return OmegaConf.select(cfg, "inference_model.num_devices", default=0) or 0
 
 
 def uses_ray(cfg: DictConfig) -> bool:
@@ -90,7 +77,7 @@ def check_mode_options(cfg: DictConfig) -> None:
     checks = [
         (isinstance(n, int) and n >= 1, f"mode.num_collectors={n} must be an integer >= 1"),
         (mode_opt(cfg, "collector_cpus") > 0, f"mode.collector_cpus={mode_opt(cfg, 'collector_cpus')} must be > 0"),
-        (mode_opt(cfg, "collector_gpus") >= 0, f"mode.collector_gpus={mode_opt(cfg, 'collector_gpus')} must be >= 0"),
+        (collector_gpus(cfg) >= 0, f"inference_model.num_devices={collector_gpus(cfg)} must be >= 0"),
         (mode_opt(cfg, "trainer_cpus") >= 1, f"mode.trainer_cpus={mode_opt(cfg, 'trainer_cpus')} must be >= 1"),
         (mode_opt(cfg, "max_staleness") >= 0, f"mode.max_staleness={mode_opt(cfg, 'max_staleness')} must be >= 0"),
         (mode_opt(cfg, "weight_update_frequency") >= 1,
@@ -113,6 +100,27 @@ def check_mode_options(cfg: DictConfig) -> None:
             raise ValueError(msg)
 
 
+def check_devices(cfg: DictConfig, trainer_device: torch.device, available_gpus: int | None = None) -> None:
+    """``ValueError`` with one line when the GPUs the config asks for (trainer, reference, collectors
+    on this machine) exceed what the machine has."""
+    gpus = torch.cuda.device_count() if available_gpus is None else available_gpus
+    n_train = cfg.train_model.num_devices
+    parts = []
+    if trainer_device.type == "cuda" or n_train > 1:
+        parts.append((f"train_model.num_devices={n_train}", n_train))
+    if cfg.ref_model.num_devices:
+        parts.append((f"ref_model.num_devices={cfg.ref_model.num_devices}", cfg.ref_model.num_devices))
+    per_collector = collector_gpus(cfg)
+    if per_collector and mode_opt(cfg, "ray_address") is None:
+        n = mode_opt(cfg, "num_collectors") if uses_ray(cfg) else 1
+        asked = f"inference_model.num_devices={per_collector:g}"
+        parts.append((f"mode.num_collectors={n} x {asked}" if n > 1 else asked, n * per_collector))
+    need = sum(n for _, n in parts)
+    if parts:
+        check_room("GPU", " + ".join(text for text, _ in parts) + f" = {need:g} GPUs", need, gpus,
+                   f"the machine has {gpus}")
+
+
 def plan_resources(cfg: DictConfig, trainer_device: torch.device,
                    available_gpus: int | None = None) -> ResourcePlan:
     """The plan, or ``ValueError`` with one line saying what is short. With ``mode.ray_address``
@@ -122,7 +130,7 @@ def plan_resources(cfg: DictConfig, trainer_device: torch.device,
     gpus = torch.cuda.device_count() if available_gpus is None else available_gpus
     plan = ResourcePlan(cluster_cpus=int(cluster_cpus), cluster_gpus=gpus,
                         collector_cpus=float(mode_opt(cfg, "collector_cpus")),
-                        collector_gpus=float(mode_opt(cfg, "collector_gpus")),
+                        collector_gpus=float(collector_gpus(cfg)),
                         num_collectors=int(mode_opt(cfg, "num_collectors")),
                         trainer_device_index=trainer_device.index or 0,
                         trainer_cpus=int(mode_opt(cfg, "trainer_cpus")),
@@ -133,8 +141,9 @@ def plan_resources(cfg: DictConfig, trainer_device: torch.device,
             ("GPU", p.collector_gpus, f"trainer {p.trainer_gpus}", p.trainer_gpus, p.cluster_gpus))
     for kind, per_collector, trainer, trainer_need, have in rows:
         need = (0.0 if external else plan.num_collectors * per_collector) + trainer_need
-        check_room(kind, f"mode.num_collectors={plan.num_collectors} x mode.collector_{kind.lower()}s="
-                   f"{per_collector:g} + {trainer} = {need:g} {kind}s", need, have, f"the machine has {have:g}")
+        per = "mode.collector_cpus" if kind == "CPU" else "inference_model.num_devices"
+        check_room(kind, f"mode.num_collectors={plan.num_collectors} x {per}={per_collector:g} + {trainer} = "
+                   f"{need:g} {kind}s", need, have, f"the machine has {have:g}")
     return plan
 
 
@@ -171,15 +180,16 @@ def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
             for kind, per_collector in (("CPU", plan.collector_cpus), ("GPU", plan.collector_gpus)):
                 need = plan.num_collectors * per_collector
                 have = free.get(kind, 0.0)
-                check_room(kind, f"mode.num_collectors={plan.num_collectors} x mode.collector_{kind.lower()}s="
-                           f"{per_collector:g} = {need:g}", need, have, f"{have:g} are free",
+                per = "mode.collector_cpus" if kind == "CPU" else "inference_model.num_devices"
+                check_room(kind, f"mode.num_collectors={plan.num_collectors} x {per}={per_collector:g} = {need:g}",
+                           need, have, f"{have:g} are free",
                            where=f" in the Ray cluster at mode.ray_address={address}")
         except ValueError:
             ray.shutdown()
             raise
-    from grpo_utils.train.run import exit_on_sigterm
+    from grpo_utils.errors import raise_on_sigterm
 
-    exit_on_sigterm()
+    raise_on_sigterm()
 
 
 def unreachable(address: str, timeout_s: float = 5.0) -> str | None:

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from grpo_utils.errors import WeightSyncError
+
 WEIGHT_SYNC_KINDS = ("object_store", "collective")
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_BUCKET_BYTES = 64 << 20
@@ -36,10 +38,6 @@ DEFAULT_BUCKET_BYTES = 64 << 20
 _ALIGN = 16
 # After a failed broadcast, how long to wait for the collectors' own errors (the likely cause).
 _GRACE_S = 5.0
-
-
-class WeightSyncError(RuntimeError):
-    """A weight sync could not connect or deliver; the message says which side and why."""
 
 
 class CollectorDiedError(WeightSyncError):

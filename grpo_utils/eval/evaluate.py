@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from tensordict import TensorDict
 
 from grpo_utils.data.datasets import last_boxed_answer
+from grpo_utils.errors import ConfigError
 from grpo_utils.rollout.group import left_pad, make_generator, response_mask, stop_token_ids
 
 # ----------------------------------------------------------------------------- estimators
@@ -278,14 +278,14 @@ EVAL_SCHEMA: dict[str, set[str]] = {
 }
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(ConfigError):
     """A bad setting of the evaluation config; the message names the key."""
 
 
 def validate_eval_config(cfg) -> None:
     """Raise :class:`EvalConfigError` (one line naming the key) on the first problem found."""
 
-    from grpo_utils.config import ConfigError, check_keys
+    from grpo_utils.config.validate import ConfigError, check_keys
     from grpo_utils.data.datasets import DataError, validate_env
 
     try:  # the generated datasets' own sub-sections (env.*) are optional
@@ -395,8 +395,3 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append(("skipped rows", str(report["skipped_rows"])))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def fail(kind: str, msg: str) -> NoReturn:
-    """Exit with one line (``<kind> error: <msg>``)."""
-    sys.exit(f"{kind} error: {msg}")

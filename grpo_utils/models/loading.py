@@ -30,11 +30,12 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_policy(model_cfg, device: torch.device) -> tuple[torch.nn.Module, object, str]:
+def load_policy(model_cfg, device: torch.device,
+                gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, object, str]:
     path = resolve_model_path(model_cfg.name)
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_cfg.dtype]).to(device)
-    if model_cfg.gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, path

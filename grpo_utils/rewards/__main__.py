@@ -24,13 +24,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from grpo_utils.errors import GRPOError
 from grpo_utils.rewards.function import RewardFunction, plan_reward, planned_fields
 from grpo_utils.rewards.registry import REQUIRED, REWARDS
 
 CHUNK = 256  # rows scored per RewardFunction call
 
 
-class CliError(Exception):
+class CliError(GRPOError):
     """Stops the command with a one-line message."""
 
 

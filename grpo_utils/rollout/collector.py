@@ -62,8 +62,8 @@ class CollectorRollout(GroupRollout):
     """:class:`GroupRollout` whose generation runs through ``LLMCollector`` over a ``DatasetChatEnv``."""
 
     def __init__(self, model, tokenizer, renderer, reward_fn, gen_kwargs: dict[str, Any], group_size: int,
-                 stream: PromptStream):
-        super().__init__(model, tokenizer, renderer, reward_fn, gen_kwargs, group_size, stream)
+                 stream: PromptStream, shaping=None):
+        super().__init__(model, tokenizer, renderer, reward_fn, gen_kwargs, group_size, stream, shaping=shaping)
         if not renderer.chat:
             raise ValueError("rollout.engine=collector needs env.chat_template=true (ChatEnv renders chats)")
         self._gen_kwargs = dict(gen_kwargs)

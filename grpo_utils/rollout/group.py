@@ -88,8 +88,9 @@ class GroupRollout:
 
     def __init__(self, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
                  gen_kwargs: dict[str, Any], group_size: int, stream: PromptStream,
-                 keep_rollout_log_probs: bool = False):
+                 keep_rollout_log_probs: bool = False, shaping: RolloutShaping | None = None):
         self.stream = stream
+        self.shaping = shaping or RolloutShaping()
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.reward_fn = reward_fn
@@ -120,6 +121,10 @@ class GroupRollout:
     def data_state(self) -> dict[str, int]:
         """Position of the next prompts this rollout will train on (saved in checkpoints)."""
         return self.stream.state_dict()
+
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint stores of this source: the prompt-stream position."""
+        return {"prompts": self.data_state()}
 
     def load_data_state(self, state: dict) -> None:
         """Accepts this class's state or a Ray rollout's (``mode.ray=true`` checkpoints)."""
@@ -178,10 +183,10 @@ class GroupRollout:
         and more groups are generated (at most ``max_resample_rounds`` extra rounds) to refill
         the batch; if still short, dropped groups top it up so its size never changes. With
         ``shaping.overlong_penalty`` the soft overlong punishment is added to the reward.
-        Advantages are assigned later (:func:`grpo_utils.algo.advantages.assign_advantages`), once
+        Advantages are assigned later (:class:`grpo_utils.algo.advantages.AdvantageStage`), once
         reference log-probs exist for a KL-in-reward penalty.
         """
-        shaping = shaping or RolloutShaping()
+        shaping = shaping or self.shaping
         policy_version = self.policy_version if policy_version is None else policy_version
         G, t0 = self.group_size, time.perf_counter()
         part = self._sample_scored()

@@ -36,6 +36,7 @@ __all__ = [
     "resolve_resume",
     "load_trainer_state",
     "load_model_weights",
+    "save_final_model",
 ]
 
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -354,3 +355,25 @@ def _check_keys(model: torch.nn.Module, state: dict) -> tuple[list[str], list[st
     loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
     missing = [k for k in own if k not in state and own[k].data_ptr() not in loaded_ptrs]
     return missing, unexpected
+
+
+FINAL_MODEL_DIRNAME = "final_model"
+
+
+def save_final_model(run_dir: str | Path, model, tokenizer) -> Path:
+    """``<run_dir>/final_model/``: the last weights and the tokenizer as a Hugging Face model
+    directory, written under a temporary name and renamed into place (an older one is replaced)."""
+    final = Path(run_dir) / FINAL_MODEL_DIRNAME
+    tmp = final.with_name(f".tmp_{FINAL_MODEL_DIRNAME}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _unwrap_model(model).save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from grpo_utils.algo.advantages import assign_advantages, group_advantages
+from grpo_utils.algo.advantages import AdvantageStage, group_advantages
 from grpo_utils.algo.logprobs import position_ids_from_mask, response_log_probs
 from grpo_utils.algo.losses import ClippedSurrogateLoss
 from grpo_utils.data.datasets import quickstart_rows
@@ -164,7 +164,7 @@ def test_rollout_rewards_and_groups(tok):
     texts = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, batch["response_mask"])]
     expected = [RewardFunction("numeric_answer")([t], [rows[i // GROUP]])[0][0]["reward"] for i, t in enumerate(texts)]
     assert batch["reward"].tolist() == expected
-    assign_advantages(batch, ClippedSurrogateLoss(), "grpo", "group_std", 1e-6, GROUP)
+    AdvantageStage("grpo", "group_std", 1e-6, GROUP)(batch)
     assert torch.allclose(batch["advantage"], group_advantages(batch["reward"], GROUP, "group_std", 1e-6))
     assert batch["policy_version"].tolist() == [3] * (3 * GROUP)
     # groups are contiguous: the G samples of a prompt share the same prompt ids

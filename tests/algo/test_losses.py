@@ -8,6 +8,7 @@ The rollout-level DAPO parts (grpo_utils.algo.shaping) are in test_shaping.py.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -288,10 +289,21 @@ def run(loss_fn, batch, rows=slice(None), *, ref=True, rollout=False, normalizer
     )
 
 
+@functools.cache
+def composed(name: str) -> dict:
+    """The quick-start config with ``loss=<name>``, composed by Hydra as a recipe would (resolved)."""
+    from hydra import compose, initialize_config_dir
+
+    import grpo_utils.config  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(CONFIG), version_base="1.3"):
+        cfg = compose("grpo_quickstart", overrides=[f"loss={name}", f"generation.max_new_tokens={T}"])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def preset(name: str) -> dict:
-    root = OmegaConf.create({"generation": {"max_new_tokens": T},
-                             "loss": OmegaConf.load(CONFIG / "loss" / f"{name}.yaml")})
-    return OmegaConf.to_container(root, resolve=True)["loss"]
+    """The ``loss`` section of the composed preset; its advantage and shaping are in ``composed``."""
+    return dict(composed(name)["loss"])
 
 
 def build(name: str, **overrides):
@@ -665,19 +677,22 @@ def test_every_preset_is_tested() -> None:
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_file_format_and_paper_settings(name: str) -> None:
+    """A preset names its paper first, its class with ``_target_``, and only keys of that class;
+    the composed ``loss`` section has exactly the class's keys (the rest come from the class's
+    schema), and the advantage and shaping stages are the paper's."""
     lines = (CONFIG / "loss" / f"{name}.yaml").read_text().splitlines()
-    assert lines[0].startswith("# ") and PAPER_NAMES[name] in lines[0]
-    assert any(str(year) in lines[0] for year in (1992, 2024, 2025))
-    entries = [line for line in lines if line and not line.startswith("#")]
-    keys = [line.split(":", 1)[0] for line in entries]
-    assert keys[0] == "_target_"
-    for line in entries[1:]:
-        assert " # " in line, f"{name}: no comment on {line!r}"
+    assert lines[0] == "# @package _global_"
+    assert lines[1].startswith("# ") and PAPER_NAMES[name] in lines[1] + lines[2]
+    assert any(str(year) in lines[1] for year in (1992, 2024, 2025))
     cls, low, high, aggregation, estimator, scale = PAPER_SETTINGS[name]
-    assert sorted(keys[1:]) == sorted(cls.config_keys()), name
+    own = OmegaConf.load(CONFIG / "loss" / f"{name}.yaml").get("loss", {})
+    assert set(own) <= {"_target_", *cls.config_keys()}, name
+    assert own.get("_target_", f"{cls.__module__}.{cls.__name__}") == f"{cls.__module__}.{cls.__name__}"
+    cfg = composed(name)
+    assert sorted(cfg["loss"]) == sorted(["_target_", *cls.config_keys()]), name
     loss_fn = build(name)
     assert type(loss_fn) is cls
-    assert (loss_fn.aggregation, loss_fn.advantage_estimator, loss_fn.advantage_scale) == (
+    assert (loss_fn.aggregation, cfg["advantage"]["estimator"], cfg["advantage"]["scale"]) == (
         aggregation, estimator, scale)
     if low is not None:
         assert (loss_fn.clip_eps_low, loss_fn.clip_eps_high) == (low, high)
@@ -685,7 +700,7 @@ def test_preset_file_format_and_paper_settings(name: str) -> None:
     assert loss_fn.is_correction == "none"
     if name == "dr_grpo":
         assert loss_fn.constant_normalizer == T  # ${generation.max_new_tokens}
-    shaping = loss_fn.rollout_shaping
+    shaping = RolloutShaping(**cfg["shaping"])
     if name == "dapo":
         assert shaping.dynamic_sampling and shaping.overlong_penalty == 1.0
     else:
@@ -693,15 +708,14 @@ def test_preset_file_format_and_paper_settings(name: str) -> None:
 
 
 def test_grpo_clip_is_grpo() -> None:
-    grpo = (CONFIG / "loss" / "grpo.yaml").read_text()
-    assert (CONFIG / "loss" / "grpo_clip.yaml").read_text() == grpo
+    assert composed("grpo_clip") == composed("grpo")
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_compose_through_hydra(name: str) -> None:
     from hydra import compose, initialize_config_dir
 
-    from grpo_utils.train.run import make_loss
+    from grpo_utils.build import loss as make_loss
 
     with initialize_config_dir(config_dir=str(CONFIG), version_base="1.3"):
         cfg = compose("grpo_quickstart", overrides=[f"loss={name}"])
@@ -733,8 +747,7 @@ def test_fixture_exercises_every_branch() -> None:
 @pytest.mark.parametrize("name", PRESETS)
 def test_objective_loss_and_gradient(name: str, aggregation: str) -> None:
     """Each preset's objective, on the advantages its paper uses, under every aggregation."""
-    cfg = preset(name)
-    adv = advantages(cfg["advantage_estimator"], cfg["advantage_scale"])
+    adv = advantages(composed(name)["advantage"]["estimator"], composed(name)["advantage"]["scale"])
     loss_fn = build(name, aggregation=aggregation, constant_normalizer=T)
     args = objective_args(loss_fn)
     batch = make_batch(args["log_ratios"], adv)
@@ -747,7 +760,7 @@ def test_objective_loss_and_gradient(name: str, aggregation: str) -> None:
 def test_shared_terms_on_every_objective(name: str, is_mode: str | None) -> None:
     """KL to the reference and to the behaviour policy (k3), entropy, and IS correction."""
     cfg = preset(name)
-    adv = advantages(cfg["advantage_estimator"], cfg["advantage_scale"])
+    adv = advantages(composed(name)["advantage"]["estimator"], composed(name)["advantage"]["scale"])
     loss_fn = build(name, kl_coef=0.05, kl_estimator="k3", kl_in="loss", entropy_coef=0.01,
                     behaviour_kl_coef=0.02, is_correction=is_mode or "none", is_cap=IS_CAP,
                     is_mask_threshold=IS_THRESHOLD)
@@ -1046,6 +1059,12 @@ def test_non_finite_padding_does_not_leak(name: str) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
+def _Advantage(estimator: str = "grpo", scale: str = "group_std"):
+    from grpo_utils.algo.advantages import AdvantageStage
+
+    return AdvantageStage(estimator, scale, 1e-6, G)
+
+
 @pytest.mark.parametrize(
     ("cls", "kwargs", "key"),
     [
@@ -1054,16 +1073,16 @@ def test_non_finite_padding_does_not_leak(name: str) -> None:
         (GSPOLoss, {"is_cap": 0.0}, "is_cap"),
         (CISPOLoss, {"is_mask_threshold": float("nan")}, "is_mask_threshold"),
         (ClippedSurrogateLoss, {"behaviour_kl_coef": -0.1}, "behaviour_kl_coef"),
-        (PolicyGradientLoss, {"advantage_estimator": "ppo"}, "advantage_estimator='ppo'"),
-        (PolicyGradientLoss, {"advantage_scale": "rank"}, "advantage_scale='rank'"),
-        (PolicyGradientLoss, {"advantage_estimator": "none", "advantage_scale": "group_std"},
-         "advantage_scale='group_std'"),
-        (ClippedSurrogateLoss, {"dynamic_sampling": "yes"}, "dynamic_sampling"),
-        (ClippedSurrogateLoss, {"max_resample_rounds": -1}, "max_resample_rounds"),
-        (ClippedSurrogateLoss, {"max_resample_rounds": 1.5}, "max_resample_rounds"),
-        (ClippedSurrogateLoss, {"overlong_mask": 1}, "overlong_mask"),
-        (ClippedSurrogateLoss, {"overlong_penalty": -1.0}, "overlong_penalty"),
-        (ClippedSurrogateLoss, {"overlong_cache_len": 0}, "overlong_cache_len"),
+        # The advantage and shaping settings left the loss: their own stages check them.
+        (_Advantage, {"estimator": "ppo"}, "advantage.estimator='ppo'"),
+        (_Advantage, {"scale": "rank"}, "advantage.scale='rank'"),
+        (_Advantage, {"estimator": "none", "scale": "group_std"}, "advantage.scale='group_std'"),
+        (RolloutShaping, {"dynamic_sampling": "yes"}, "dynamic_sampling"),
+        (RolloutShaping, {"max_resample_rounds": -1}, "max_resample_rounds"),
+        (RolloutShaping, {"max_resample_rounds": 1.5}, "max_resample_rounds"),
+        (RolloutShaping, {"overlong_mask": 1}, "overlong_mask"),
+        (RolloutShaping, {"overlong_penalty": -1.0}, "overlong_penalty"),
+        (RolloutShaping, {"overlong_cache_len": 0}, "overlong_cache_len"),
         (GSPOLoss, {"clip_eps_low": -1e-4}, "clip_eps_low"),
         (CISPOLoss, {"clip_eps_high": float("nan")}, "clip_eps_high"),
         (PolicyGradientLoss, {"aggregation": "sum"}, "aggregation='sum'"),

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import CONFIG
-
 
 def _async_cfg(**mode):
     from omegaconf import OmegaConf
@@ -24,20 +22,25 @@ def test_resource_plan_fits_two_cores_and_names_what_is_short():
     with pytest.raises(ValueError, match=r"not enough CPUs: .* = 3 CPUs, but the machine has 2 \(short by 1\)"):
         plan_resources(_async_cfg(cluster_cpus=2, num_collectors=2), torch.device("cpu"), available_gpus=0)
     with pytest.raises(ValueError, match=r"not enough GPUs: .*short by 2"):
-        plan_resources(_async_cfg(cluster_cpus=8, collector_gpus=1), torch.device("cuda"), available_gpus=0)
+        gpu_cfg = _async_cfg(cluster_cpus=8)
+        gpu_cfg.inference_model = {"num_devices": 1}
+        plan_resources(gpu_cfg, torch.device("cuda"), available_gpus=0)
     with pytest.raises(ValueError, match=r"mode.max_staleness=-1 must be >= 0"):
         check_mode_options(_async_cfg(max_staleness=-1))
     check_mode_options(_async_cfg())  # the defaults are valid
 
 
-def test_mode_files_list_exactly_their_keys():
-    """Every key a mode accepts is in its shipped file (documented), and nothing else."""
-    from omegaconf import OmegaConf
+def test_mode_schemas_list_exactly_their_keys():
+    """Every key a mode accepts is in its schema (with a doc), and nothing else."""
+    import dataclasses
 
+    from grpo_utils.config.schema import AsyncModeConfig, SyncModeConfig
     from grpo_utils.distributed.resources import ASYNC_DEFAULTS, SYNC_DEFAULTS
 
-    assert set(OmegaConf.load(CONFIG / "mode" / "sync.yaml")) == {"name", *SYNC_DEFAULTS}
-    assert set(OmegaConf.load(CONFIG / "mode" / "async.yaml")) == {"name", *ASYNC_DEFAULTS}
+    for schema, defaults in ((SyncModeConfig, SYNC_DEFAULTS), (AsyncModeConfig, ASYNC_DEFAULTS)):
+        fields = dataclasses.fields(schema)
+        assert {f.name for f in fields} == {"name", *defaults}
+        assert all(f.metadata.get("doc") for f in fields)
 
 
 def test_mode_options_name_the_misplaced_key():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from tests.helpers import CONFIG, read_lines, run_recipe, train_lines
@@ -112,12 +113,12 @@ def test_kl_in_reward_penalizes_after_the_policy_moves(env, tiny_dir, tmp_path):
     """The random tiny model earns no reward, so an entropy bonus is what moves it off the reference."""
     run_dir = tmp_path / "rloo_kl"
     run_recipe(env, *tiny_overrides(tiny_dir, run_dir, "loss=rloo", "loss.kl_coef=0.5", "loss.entropy_coef=0.5", "train.max_steps=3",
-                                    "train.lr=0.05", "eval.every_n_steps=0", "eval.before_after=false"))
+                                    "optimizer.lr=0.05", "eval.every_n_steps=0", "eval.before_after=false"))
     train = train_lines(run_dir)
     assert train[0]["kl_reward_penalty/mean"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
     assert abs(train[2]["kl_reward_penalty/mean"]) > 1e-6
-    resolved = (run_dir / ".hydra" / "config.yaml").read_text()
-    assert "advantage_estimator: rloo" in resolved
+    resolved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert resolved.advantage.estimator == "rloo"
 
 
 @pytest.mark.skipif(not (SHARED / "gsm8k" / "test.jsonl").is_file(), reason="shared GSM8K data absent")
@@ -170,7 +171,7 @@ def test_task_config_runs_one_step(env, tiny_dir, tmp_path, config):
     """Each shipped task config (dataset + template + reward) trains a step and evaluates, on a tiny model."""
     run_dir = tmp_path / config
     run_recipe(env, f"--config-name={config}", *TASK_DATA[config], f"model.name={tiny_dir}", f"hydra.run.dir={run_dir}",
-               "device=cpu", "model.dtype=float32", "model.gradient_checkpointing=false", "env.num_prompts=2",
+               "device=cpu", "model.dtype=float32", "train_model.gradient_checkpointing=false", "env.num_prompts=2",
                "env.group_size=4", "train.optim_batch_size=8", "train.grad_accum_steps=2", "train.max_steps=1",
                "generation.max_new_tokens=8", "eval.heldout_size=4", "eval.every_n_steps=0", "eval.k=2")
     train = train_lines(run_dir)

@@ -11,38 +11,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_utils.algo.advantages import check_advantage_config
-from grpo_utils.data.datasets import DataError, validate_env
-from grpo_utils.distributed.resources import ASYNC_DEFAULTS, SYNC_DEFAULTS, check_mode_options
+from grpo_utils.algo.shaping import RolloutShaping
+from grpo_utils.data.datasets import DATASET_REWARDS, DataError, validate_env
+from grpo_utils.distributed.resources import check_mode_options
+from grpo_utils.errors import ConfigError
 from grpo_utils.models.loading import DTYPES
 from grpo_utils.rewards import plan_reward
 
-# Allowed keys per section. ``loss`` is checked by the loss class itself (its constructor).
-SCHEMA: dict[str, set[str]] = {
-    "": {"defaults", "mode", "loss", "seed", "resume", "logger", "wandb", "device", "num_threads",
-         "model", "env", "rollout", "generation", "reward", "advantage", "train", "checkpoint", "eval"},
-    # Which of these each mode accepts is checked by ray_resources.check_mode_options.
-    "mode": {"name", *SYNC_DEFAULTS, *ASYNC_DEFAULTS},
-    "wandb": {"project", "run_name"},
-    "model": {"name", "dtype", "gradient_checkpointing"},
-    "env": {"dataset", "train_path", "test_path", "prompt_field", "answer_field", "prompt_format",
-            "system_prompt", "chat_template", "template", "num_prompts", "group_size", "shuffle", "quickstart",
-            "countdown", "heldout_fraction", "heldout_count", "skip_bad_rows"},
-    "env.quickstart": {"num_train", "num_test"},
-    "env.countdown": {"num_train", "num_test", "seed", "min_numbers", "max_numbers", "max_number", "max_target"},
-    "rollout": {"engine"},
-    "generation": {"max_new_tokens", "temperature", "top_p", "top_k", "min_new_tokens"},
-    "advantage": {"estimator", "scale", "eps"},
-    "train": {"max_steps", "epochs", "optim_batch_size", "grad_accum_steps", "lr", "weight_decay",
-              "betas", "adam_eps", "max_grad_norm", "warmup_steps", "min_lr_ratio"},
-    "checkpoint": {"every_n_steps", "keep_last"},
-    "eval": {"heldout_size", "before_after", "every_n_steps", "batch_size", "k", "temperature"},
-}
 LOGGERS = ("none", "wandb")
 ENGINES = ("direct", "collector")
-
-
-class ConfigError(ValueError):
-    """A config value is inconsistent or unknown; the message names the key."""
+OPTIMIZERS = ("AdamW",)
 
 
 def check_keys(cfg: DictConfig, schema: dict[str, set[str]], optional=lambda section: False) -> None:
@@ -67,29 +45,36 @@ def _require(ok: bool, msg: str) -> None:
 
 
 def validate(cfg: DictConfig, mode: str) -> None:
-    """Raise :class:`ConfigError` on the first problem found."""
-    check_keys(cfg, SCHEMA, optional=lambda section: section == "wandb")
+    """Raise :class:`ConfigError` on the first problem found. Keys and types were checked when
+    Hydra merged the config into the schema; this checks values and how they fit together."""
     _require(cfg.mode.name == mode,
-             f"mode={cfg.mode.name} cannot run with grpo-{mode}.py; use grpo-{cfg.mode.name}.py "
-             f"or mode={mode}")
+             f"mode={cfg.mode.name} cannot run with grpo-{mode}.py; use grpo-{cfg.mode.name}.py or mode={mode}")
     try:
         check_mode_options(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    try:
-        plan_reward(cfg.reward)  # the reward validates its own options (one line naming the key)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _require(cfg.logger in LOGGERS, f"logger={cfg.logger!r} is unknown; expected one of {', '.join(LOGGERS)}")
+    _require(mode == "async" or cfg.mode.ray or cfg.mode.sync_iter,
+             "mode.sync_iter=false needs mode.ray=true: locally the generator is the training module, so "
+             "there is no separate generator to run ahead (or use grpo-async.py)")
+    _require(cfg.logger.backend in LOGGERS,
+             f"logger.backend={cfg.logger.backend!r} is unknown; expected one of {', '.join(LOGGERS)}")
     name = cfg.model.name
     _require(not name.startswith("builtin:") or name == "builtin:quickstart",
              f"model.name={name!r} is unknown; the only builtin is 'builtin:quickstart'")
     _require(cfg.model.dtype in DTYPES, f"model.dtype={cfg.model.dtype!r}; expected one of {', '.join(DTYPES)}")
+    for section in ("train_model", "ref_model", "inference_model"):
+        n = cfg[section].num_devices
+        _require(n >= 0, f"{section}.num_devices={n} must be >= 0")
+    _require(cfg.train_model.num_devices >= 1, f"train_model.num_devices={cfg.train_model.num_devices} must be >= 1")
 
     env = cfg.env
     try:
         validate_env(env)
     except DataError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        plan_reward(reward_config(cfg))  # the reward validates its own options (one line naming the key)
+    except ValueError as e:
         raise ConfigError(str(e)) from None
     _require(env.num_prompts >= 1, f"env.num_prompts={env.num_prompts} must be >= 1")
     _require(env.group_size >= 2,
@@ -114,8 +99,9 @@ def validate(cfg: DictConfig, mode: str) -> None:
 
     try:
         check_advantage_config(cfg.advantage.estimator, cfg.advantage.scale, cfg.advantage.eps)
+        RolloutShaping(**OmegaConf.to_container(cfg.shaping, resolve=True))
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(str(e) if str(e).startswith("advantage.") else f"shaping.{e}") from None
 
     t = cfg.train
     rollout_size = env.num_prompts * env.group_size
@@ -127,13 +113,16 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(t.grad_accum_steps >= 1 and t.optim_batch_size % t.grad_accum_steps == 0,
              f"train.optim_batch_size={t.optim_batch_size} is not divisible by "
              f"train.grad_accum_steps={t.grad_accum_steps}")
-    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
-    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
-    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
-             f"train.betas={list(t.betas)} must be two values in [0, 1)")
-    _require(t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm} must be > 0")
-    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
-    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    o = cfg.optimizer
+    _require(o.name in OPTIMIZERS, f"optimizer.name={o.name!r} is unknown; expected one of {', '.join(OPTIMIZERS)}")
+    _require(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
+    _require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optimizer.betas={list(o.betas)} must be two values in [0, 1)")
+    _require(o.eps > 0, f"optimizer.eps={o.eps} must be > 0")
+    _require(o.clip_grad_norm > 0, f"optimizer.clip_grad_norm={o.clip_grad_norm} must be > 0")
+    _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
 
     _require(cfg.checkpoint.every_n_steps >= 0, f"checkpoint.every_n_steps={cfg.checkpoint.every_n_steps} must be >= 0")
     _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
@@ -145,6 +134,35 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
     _require(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0")
     resolve_device(cfg.device)
+
+
+def check_placement(cfg: DictConfig, mode: str, needs_reference: bool) -> None:
+    """After the machine has been found big enough (``check_devices``): refuse the device layouts
+    this version cannot run yet, naming the key, instead of ignoring the setting."""
+    n = cfg.train_model.num_devices
+    _require(n == 1, f"train_model.num_devices={n}: training across several devices is not available yet; "
+                     "use train_model.num_devices=1")
+    if cfg.ref_model.num_devices:
+        _require(needs_reference, f"ref_model.num_devices={cfg.ref_model.num_devices} but no reference model is "
+                                  "loaded (loss.kl_coef=0)")
+        _require(False, f"ref_model.num_devices={cfg.ref_model.num_devices}: a reference on devices of its own "
+                        "is not available yet; use ref_model.num_devices=0 (on the trainer's device)")
+    _require(not cfg.inference_model.num_devices or mode == "async" or cfg.mode.ray,
+             f"inference_model.num_devices={cfg.inference_model.num_devices} needs mode.ray=true or grpo-async.py: "
+             "locally the generator is the training module, on its device")
+
+
+def reward_config(cfg: DictConfig) -> dict:
+    """The ``reward`` section with ``name: null`` replaced by the dataset's own reward, so that
+    ``env.dataset=X`` alone never trains on a reward that cannot score X's rows."""
+    reward = OmegaConf.to_container(cfg.reward, resolve=True)
+    if "components" not in reward and reward.get("name") is None:
+        dataset = cfg.env.dataset
+        if dataset not in DATASET_REWARDS:
+            raise ConfigError(f"reward.name is required with env.dataset={dataset} (it has no reward of its own); "
+                              "e.g. reward.name=numeric_answer")
+        reward["name"] = DATASET_REWARDS[dataset]
+    return reward
 
 
 def resolve_device(name: str) -> torch.device:

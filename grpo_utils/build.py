@@ -1,0 +1,172 @@
+"""The one place that builds the run's parts from the config: the trainer process and the Ray
+collector actors both call these, so a part is configured one way wherever it runs.
+
+Swappable parts name their class with ``_target_`` in YAML and are built with
+``hydra.utils.instantiate``; a bad key or value is a one-line :class:`~grpo_utils.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from grpo_utils.errors import CheckpointError, ConfigError, DataError
+
+
+def loss(loss_cfg: DictConfig) -> torch.nn.Module:
+    # Constructor arguments are checked by the class itself (a loss is also used from Python).
+    """``loss._target_`` built with the other keys of ``loss``."""
+    import hydra
+
+    from grpo_utils.algo.losses import build_loss
+
+    kwargs = OmegaConf.to_container(loss_cfg, resolve=True)
+    target = kwargs.pop("_target_", None)
+    try:
+        cls = hydra.utils.get_class(target) if target else None
+    except Exception:
+        raise ConfigError(f"loss._target_={target!r} cannot be imported") from None
+    try:
+        return cls(**kwargs) if cls else build_loss(kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"loss: {e}") from None
+
+
+def reward(cfg: DictConfig):
+    """The reward of ``reward.*`` (``name: null``: the dataset's own reward)."""
+    from grpo_utils.config.validate import reward_config
+    from grpo_utils.rewards import build_reward
+
+    try:
+        return build_reward(reward_config(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def rows(env_cfg: DictConfig, heldout_size: int):
+    """Training and held-out rows (``.skipped`` counts malformed rows skipped with skip_bad_rows)."""
+    from grpo_utils.data.datasets import Rows, load_split
+
+    train, test = load_split(env_cfg, "train"), load_split(env_cfg, "test")
+    if heldout_size:
+        test = Rows(test[:heldout_size], skipped=test.skipped, source=test.source)
+    if train.skipped or test.skipped:
+        print(f"skipped {train.skipped + test.skipped} malformed rows (env.skip_bad_rows=true)")
+    return train, test
+
+
+def renderer(env_cfg: DictConfig, tokenizer, sample_row: dict):
+    """The prompt renderer, tried on one row now so a template that does not fit fails before training."""
+    from grpo_utils.data.prompts import renderer_from_config
+
+    try:
+        render = renderer_from_config(env_cfg, tokenizer)
+        render(sample_row)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    return render
+
+
+def resume_checkpoint(resume, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from (``resume=true``: the run dir's latest, if any), checked
+    before any model is loaded."""
+    from grpo_utils.train.checkpoint import resolve_resume
+
+    try:
+        return resolve_resume(resume, run_dir)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"resume={resume}: {e}") from None
+
+
+def policy(cfg: DictConfig, device: torch.device, for_training: bool = True):
+    """The policy and its tokenizer (``model.*``; ``train_model.*`` when it is the trained copy)."""
+    from grpo_utils.models.loading import load_policy
+
+    checkpointing = for_training and cfg.train_model.gradient_checkpointing
+    model, tokenizer, _ = load_policy(cfg.model, device, gradient_checkpointing=checkpointing)
+    return model, tokenizer
+
+
+def reference(model: torch.nn.Module) -> torch.nn.Module:
+    from grpo_utils.models.loading import make_reference
+
+    return make_reference(model)
+
+
+def trainer(cfg: DictConfig, model: torch.nn.Module, loss_fn: torch.nn.Module, ref_model=None):
+    """AdamW with warmup + cosine (``optimizer.*``) over ``train.*``'s mini-batches."""
+    from grpo_utils.train.trainer import PolicyTrainer
+
+    o, t = cfg.optimizer, cfg.train
+    settings = OmegaConf.create({
+        "lr": o.lr, "weight_decay": o.weight_decay, "betas": list(o.betas), "adam_eps": o.eps,
+        "max_grad_norm": o.clip_grad_norm, "warmup_steps": o.warmup_steps, "min_lr_ratio": o.min_lr_ratio,
+        "max_steps": t.max_steps, "epochs": t.epochs, "optim_batch_size": t.optim_batch_size,
+        "grad_accum_steps": t.grad_accum_steps})
+    return PolicyTrainer(model, loss_fn, settings, cfg.generation.temperature, ref_model)
+
+
+def shaping(cfg: DictConfig):
+    """DAPO's rollout shaping (``shaping.*``), applied by the rollout before advantages."""
+    from grpo_utils.algo.shaping import RolloutShaping
+
+    try:
+        return RolloutShaping(**OmegaConf.to_container(cfg.shaping, resolve=True))
+    except ValueError as e:
+        raise ConfigError(f"shaping.{e}") from None
+
+
+def advantage_stage(cfg: DictConfig, loss_fn):
+    """``advantage.*`` plus the loss's KL-in-reward penalty and ``shaping.overlong_mask``."""
+    from grpo_utils.algo.advantages import AdvantageStage
+
+    adv = cfg.advantage
+    try:
+        return AdvantageStage(adv.estimator, adv.scale, adv.eps, cfg.env.group_size,
+                              kl_penalty=loss_fn.reward_penalty if loss_fn.kl_in_reward else None,
+                              overlong_mask=cfg.shaping.overlong_mask)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def rollout(cfg: DictConfig, model, tokenizer, render, reward_fn, stream, loss_fn):
+    """``rollout.engine=direct`` (one batched TransformersWrapper call) or ``collector`` (TorchRL's
+    LLMCollector over a DatasetChatEnv); both yield the same batches. The Ray actors build theirs here too."""
+    from grpo_utils.rollout.group import GroupRollout, generation_kwargs
+
+    args = (model, tokenizer, render, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size, stream)
+    if cfg.rollout.engine == "collector":
+        from grpo_utils.rollout.collector import CollectorRollout
+
+        return CollectorRollout(*args, shaping=shaping(cfg))
+    return GroupRollout(*args, keep_rollout_log_probs=loss_fn.needs_rollout_log_probs, shaping=shaping(cfg))
+
+
+def held_out_evaluator(cfg: DictConfig, model, tokenizer, render, reward_fn, heldout_rows):
+    """A no-argument callable: greedy accuracy on the held-out rows, plus pass@k / maj@k / mean@k
+    when ``eval.k`` > 0."""
+    from grpo_utils.eval.evaluate import evaluate
+
+    gen = cfg.generation
+
+    def held_out_eval() -> dict[str, float]:
+        return evaluate(model, tokenizer, render, reward_fn, heldout_rows, k=cfg.eval.k,
+                        temperature=cfg.eval.temperature, top_p=gen.top_p, top_k=gen.top_k,
+                        max_new_tokens=gen.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+
+    return held_out_eval
+
+
+def logger(cfg: DictConfig, run_dir: Path, start_step: int):
+    """``logger._target_`` (default :class:`~grpo_utils.train.metrics.MetricsLogger`) for this run."""
+    from hydra.utils import get_class
+
+    kwargs = OmegaConf.to_container(cfg.logger, resolve=True)
+    target = kwargs.pop("_target_")
+    # Not hydra.utils.instantiate: the logger's own ``config`` argument (the run's config, sent to
+    # wandb) clashes with instantiate's first parameter.
+    return get_class(target)(run_dir, config=OmegaConf.to_container(cfg, resolve=True),
+                             total_steps=cfg.train.max_steps, start_step=start_step, **kwargs)
+

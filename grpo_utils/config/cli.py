@@ -1,0 +1,217 @@
+"""The command line, checked before Hydra composes it: a key that does not exist here (a typo, a
+key this project names differently, or TorchRL's name for one) or a value of the wrong type stops
+the run with one line naming the key to use, instead of Hydra's ``Key '...' is not in struct``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from grpo_utils.errors import ConfigError
+
+GROUPS = ("mode", "loss", "logger", "shaping")
+
+# Keys a user may type that this project names differently: TorchRL's GRPO scripts' keys, and
+# this project's keys from before they moved. Value: the key to use, and a note when the meaning
+# differs or the feature is not here.
+RENAMED: dict[str, tuple[str, str]] = {
+    # TorchRL sota-implementations/grpo
+    "train.kl_to_ref_coeff": ("loss.kl_coef", "> 0 loads a frozen reference model"),
+    "train.use_kl_to_ref": ("loss.kl_coef", "a reference is used exactly when loss.kl_coef > 0"),
+    "train.kl_coef_in_loss": ("loss.kl_in", "loss | reward"),
+    "train.kl_to_inference_coeff": ("loss.behaviour_kl_coef", "KL to the policy that sampled the batch"),
+    "train.entropy_coeff": ("loss.entropy_coef", ""),
+    "train.sync_iter": ("mode.sync_iter", "with mode.ray=true"),
+    "train.gradient_accumulation_steps": ("train.grad_accum_steps", ""),
+    "train.checkpoint_frequency": ("checkpoint.every_n_steps", ""),
+    "train.total_dialog_turns": ("train.max_steps", "counted in optimizer steps, each of train.optim_batch_size "
+                                 "sequences"),
+    "train.dialog_turns_per_batch": ("env.num_prompts", "a batch is env.num_prompts x env.group_size sequences"),
+    "train.mixed_precision": ("model.dtype", "e.g. model.dtype=bfloat16"),
+    "train.exp_name": ("logger.run_name", ""),
+    "train.logging_frequency": ("eval.every_n_steps", "metrics are logged every step; this sets evaluation"),
+    "train.empty_replay_buffer": ("train.epochs", "each batch is trained on train.epochs times, then dropped"),
+    "train.packing": ("", "sequence packing is not available"),
+    "env.repeats": ("env.group_size", "completions per prompt"),
+    "env.num_envs": ("env.num_prompts", "prompts per batch"),
+    "env.reasoning": ("env.template", "env.template=r1_zero for the <think>/<answer> format"),
+    "env.max_steps": ("", "episodes are single-turn"),
+    "model.compile": ("", "torch.compile is not available"),
+    "train_model.lora": ("", "LoRA is not available yet"),
+    "train_model.quantization": ("", "quantized training is not available"),
+    "train_model.torch_dtype": ("model.dtype", ""),
+    "train_model.attn_implementation": ("", "the model's default attention is used"),
+    "ref_model.lora": ("", "the reference is a frozen copy of the initial policy"),
+    "ref_model.quantization": ("", "the reference is a frozen copy of the initial policy"),
+    "ref_model.torch_dtype": ("model.dtype", ""),
+    "ref_model.gradient_checkpointing": ("", "the reference never trains"),
+    "ref_model.attn_implementation": ("", "the model's default attention is used"),
+    "inference_model.backend": ("rollout.engine", "direct | collector (transformers generate); vLLM is not "
+                                "available yet"),
+    "inference_model.temperature": ("generation.temperature", ""),
+    "inference_model.top_p": ("generation.top_p", ""),
+    "inference_model.max_tokens": ("generation.max_new_tokens", ""),
+    "inference_model.torch_dtype": ("model.dtype", ""),
+    "inference_model.gpu_memory_utilization": ("", "vLLM is not available yet"),
+    "inference_model.enforce_eager": ("", "vLLM is not available yet"),
+    "inference_model.enable_prefix_caching": ("", "vLLM is not available yet"),
+    "inference_model.include_stop_str_in_output": ("", "completions always end at the stop token"),
+    "ray": ("mode", "Ray settings are mode.* (mode.cluster_cpus, mode.collector_cpus, ...)"),
+    "logging.checkpoint_frequency": ("checkpoint.every_n_steps", ""),
+    "logging.experiment_name": ("logger.run_name", ""),
+    "logging.checkpoint_dir": ("hydra.run.dir", "checkpoints go to <run dir>/checkpoints/"),
+    # this project, before the keys moved
+    "train.lr": ("optimizer.lr", ""),
+    "train.weight_decay": ("optimizer.weight_decay", ""),
+    "train.betas": ("optimizer.betas", ""),
+    "train.adam_eps": ("optimizer.eps", ""),
+    "train.max_grad_norm": ("optimizer.clip_grad_norm", ""),
+    "train.warmup_steps": ("optimizer.warmup_steps", ""),
+    "train.min_lr_ratio": ("optimizer.min_lr_ratio", ""),
+    "model.gradient_checkpointing": ("train_model.gradient_checkpointing", ""),
+    "mode.collector_gpus": ("inference_model.num_devices", "GPUs per collector actor"),
+    "wandb.project": ("logger.project", "with logger=wandb"),
+    "wandb.run_name": ("logger.run_name", "with logger=wandb"),
+    "loss.advantage_estimator": ("advantage.estimator", ""),
+    "loss.advantage_scale": ("advantage.scale", ""),
+    "loss.dynamic_sampling": ("shaping.dynamic_sampling", "or shaping=dapo"),
+    "loss.max_resample_rounds": ("shaping.max_resample_rounds", ""),
+    "loss.overlong_mask": ("shaping.overlong_mask", ""),
+    "loss.overlong_penalty": ("shaping.overlong_penalty", ""),
+    "loss.overlong_cache_len": ("shaping.overlong_cache_len", ""),
+}
+
+
+def renamed(key: str) -> str | None:
+    """The one-line refusal for a key this project names differently (or a prefix of it), or None."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in RENAMED:
+            target, note = RENAMED[prefix]
+            use = f"; use {target}" if target else ""
+            return f"{key} is not a key of this config{use}" + (f" ({note})" if note else "")
+    return None
+
+
+def _split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``--config-name`` and the overrides of a Hydra command line (flags dropped)."""
+    config_name, overrides, skip = None, [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--config-name", "-cn"):
+            config_name, skip = (argv[i + 1] if i + 1 < len(argv) else None), True
+        elif arg.startswith("--config-name="):
+            config_name = arg.split("=", 1)[1]
+        elif arg in ("--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c", "--package", "-p",
+                     "--experimental-rerun"):
+            skip = True
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return config_name, overrides
+
+
+def check_command_line(argv: list[str], config_dir: str | Path, default_config: str) -> None:
+    """Raise :class:`ConfigError` for the first override that names no key of the composed config
+    (with the key to use instead, or the keys allowed there) or gives a value of the wrong type."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    import grpo_utils.config  # noqa: F401  (registers the schema)
+
+    config_name, args = _split_argv(argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:
+        return  # Hydra reports its own syntax errors
+    values, groups, adds = [], [], []
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra") or override.is_delete() or override.is_force_add():
+            continue
+        if override.is_add():  # +key=value: only into a free-form section (reward options), not the schema's
+            adds.append(key)
+            continue
+        message = renamed(key)
+        if message:
+            raise ConfigError(message)
+        choices = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+        (groups if key in GROUPS else values).append((key, choices))
+    config_dir = Path(config_dir)
+    for group, choices in groups:
+        options = sorted(p.stem for p in (config_dir / group).glob("*.yaml") if not p.stem.startswith("_"))
+        for choice in choices:
+            if choice not in options:
+                raise ConfigError(f"{group}={choice} is unknown; expected one of {', '.join(options)}")
+    with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
+        base = compose(config_name or default_config, overrides=[f"{g}={c[0]}" for g, c in groups])
+    for key in adds:
+        parent = OmegaConf.select(base, key.rpartition(".")[0]) if "." in key else base
+        if isinstance(parent, DictConfig) and OmegaConf.get_type(parent) not in (dict, None) and key not in parent:
+            _check_key(base, key)
+    for key, choices in values:
+        _check_key(base, key)
+        for choice in choices:
+            _check_value(base, key, choice)
+
+
+def _check_key(cfg: DictConfig, key: str) -> None:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if isinstance(node, DictConfig) and leaf in node:
+        return
+    if not isinstance(node, DictConfig):  # the parent itself is missing: report the first missing part
+        head = key.split(".")
+        for i in range(1, len(head)):
+            if OmegaConf.select(cfg, ".".join(head[:i])) is None:
+                return _check_key(cfg, ".".join(head[:i]))
+        raise ConfigError(f"{key}: {parent} is not a section")
+    allowed = sorted(str(k) for k in node.keys())
+    close = difflib.get_close_matches(leaf, allowed, n=1)
+    hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+    where = f"in '{parent}'" if parent else "at the top level"
+    if parent == "reward":
+        hint += "; a reward's options are added with +reward.<option>=..."
+    if parent == "mode":
+        other = "async" if cfg.mode.name == "sync" else "sync"
+        from grpo_utils.distributed.resources import MODE_DEFAULTS
+
+        if leaf in MODE_DEFAULTS[other]:
+            raise ConfigError(f"mode.{leaf} is not a mode={cfg.mode.name} setting; it is a mode={other} setting")
+    raise ConfigError(f"unknown config key '{key}'{hint}; allowed {where}: {', '.join(allowed)}")
+
+
+def _check_value(cfg: DictConfig, key: str, value) -> None:
+    """The composed config keeps the schema's types: a value that does not fit fails here."""
+    trial = cfg.copy()
+    try:
+        OmegaConf.update(trial, key, value, merge=True)
+    except OmegaConfBaseException as e:
+        detail = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{key}={value!r}: {detail}") from None
+
+
+def compose_jobs(argv: list[str], config_dir: str | Path, default_config: str, mode: str) -> list[DictConfig]:
+    """The configs a command line asks for (one per job of a ``-m`` sweep), composed as the
+    recipe's Hydra would, after :func:`check_command_line`; ``mode=<mode>`` unless it picks one."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    check_command_line(argv, config_dir, default_config)
+    config_name, args = _split_argv(argv)
+    if not any(a.split("=", 1)[0] == "mode" for a in args):
+        args = [*args, f"mode={mode}"]
+    parsed = OverridesParser.create().parse_overrides(args)
+    axes = [[o.get_key_element() + "=" + str(v) for v in (o.sweep_string_iterator() if o.is_sweep_override()
+                                                           else [o.get_value_element_as_str()])]
+            for o in parsed if not o.key_or_group.startswith("hydra")]
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        return [compose(config_name or default_config, overrides=list(job)) for job in itertools.product(*axes)]

@@ -1,0 +1,303 @@
+"""The config schema: every key's type, default and one-line doc, in one place.
+
+Registered with Hydra's ConfigStore (:func:`register_schema`), so the YAML files under ``config/``
+only set what differs from these defaults (the quick start's) and Hydra checks types on merge.
+The swappable parts (``mode``, ``loss``, ``logger``) are groups whose options extend the
+dataclasses stored for them here; ``reward`` is checked by the reward registry.
+
+    python -m grpo_utils.config            # every key with its type, default and doc
+"""
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def key(default: Any, doc: str) -> Any:
+    """A schema field: ``default`` and its one-line ``doc``."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+# ----------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    name: str = key("builtin:quickstart", "HF hub name or local dir; builtin:quickstart builds a tiny "
+                    "warm-started Qwen2 once")
+    dtype: str = key("float32", "float32 | bfloat16 | float16: the precision the model is loaded in")
+
+
+@dataclass
+class TrainModelConfig:
+    num_devices: int = key(1, "devices the policy trains on (1: the `device`); more needs that many GPUs")
+    gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class RefModelConfig:
+    num_devices: int = key(0, "devices of its own for the frozen reference (used when loss.kl_coef > 0); "
+                           "0: on the trainer's device")
+
+
+@dataclass
+class InferenceModelConfig:
+    num_devices: float = key(0, "GPUs per collector actor (Ray modes; fractions share a GPU); 0: collectors "
+                             "generate on CPU. Locally the generator is the training module")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = key("AdamW", "AdamW (decoupled weight decay; biases and norms not decayed)")
+    lr: float = key(2.0e-3, "peak learning rate")
+    weight_decay: float = key(0.0, "decoupled weight decay")
+    betas: list[float] = key([0.9, 0.99], "AdamW betas")
+    eps: float = key(1.0e-8, "AdamW epsilon")
+    clip_grad_norm: float = key(1.0, "gradient clipping by global norm")
+    warmup_steps: int = key(5, "linear warmup steps, then cosine decay")
+    min_lr_ratio: float = key(0.1, "final LR as a fraction of the peak")
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class QuickstartDataConfig:
+    num_train: int = key(5000, "generated training prompts (quickstart)")
+    num_test: int = key(200, "generated held-out prompts, never seen in training (quickstart)")
+
+
+@dataclass
+class CountdownDataConfig:
+    num_train: int = key(10000, "generated training problems (countdown)")
+    num_test: int = key(200, "generated held-out problems, never in training (countdown)")
+    seed: int = key(0, "generation seed (countdown)")
+    min_numbers: int = key(3, "fewest numbers per problem (countdown)")
+    max_numbers: int = key(4, "most numbers per problem (countdown)")
+    max_number: int = key(99, "numbers are drawn from 1..max_number (countdown)")
+    max_target: int = key(999, "targets are integers in 1..max_target (countdown)")
+
+
+@dataclass
+class DataConfig:
+    """The data keys shared by training and ``grpo-eval.py``."""
+
+    dataset: str = key("quickstart", "quickstart | gsm8k | math | ifeval | countdown | jsonl")
+    train_path: str | None = key(None, "training JSONL (file datasets)")
+    test_path: str | None = key(None, "held-out JSONL (file datasets); null: hold out part of train_path")
+    heldout_fraction: float = key(0.0, "without test_path: fraction of train_path held out (fixed draw, removed "
+                                  "from training)")
+    heldout_count: int = key(0, "without test_path: rows of train_path held out (wins over heldout_fraction)")
+    skip_bad_rows: bool = key(False, "true: skip and count malformed rows; false: stop at the first, naming "
+                              "file:line")
+    prompt_field: str = key("question", "jsonl: the field holding the prompt")
+    answer_field: str | None = key("answer", "jsonl: the field holding the reference answer")
+    prompt_format: str = key("{question}", "Python format string over the row's fields: the user content")
+    system_prompt: str | None = key(None, "chat: system message; r1_zero: replaces the reasoning instruction")
+    chat_template: bool = key(True, "when template is null: render with the tokenizer's chat template")
+    template: str | None = key(None, "plain | chat | r1_zero (<think>/<answer>); null: chat when "
+                                  "chat_template is true, else plain")
+    quickstart: QuickstartDataConfig = section(QuickstartDataConfig, "the generated quick-start task")
+    countdown: CountdownDataConfig = section(CountdownDataConfig, "the generated countdown task")
+
+
+@dataclass
+class EnvConfig(DataConfig):
+    num_prompts: int = key(8, "prompts per rollout batch (P)")
+    group_size: int = key(8, "completions per prompt (G): the group for relative advantages")
+    shuffle: bool = key(True, "reshuffle the training rows every pass")
+
+
+# --------------------------------------------------------------------------------------- rollout
+@dataclass
+class RolloutConfig:
+    engine: str = key("direct", "direct: one batched TransformersWrapper call per step | collector: TorchRL "
+                      "LLMCollector over a DatasetChatEnv (same batches, slower)")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = key(4, "completion budget; longer completions are truncated")
+    min_new_tokens: int = key(0, "force at least this many tokens (benchmarks use it for fixed lengths)")
+    temperature: float = key(1.0, "sampling temperature (the loss uses the same one)")
+    top_p: float = key(1.0, "nucleus sampling threshold")
+    top_k: int = key(0, "0 = unrestricted")
+
+
+# ------------------------------------------------------------------------------------- algorithm
+@dataclass
+class AdvantageConfig:
+    estimator: str = key("grpo", "grpo (group-mean baseline) | rloo (leave-one-out) | none (raw reward)")
+    scale: str = key("group_std", "group_std | batch_std | none: the advantage divisor")
+    eps: float = key(1.0e-6, "added to the std before dividing")
+
+
+@dataclass
+class ShapingConfig:
+    dynamic_sampling: bool = key(False, "keep only groups whose rewards differ, resampling to refill (DAPO)")
+    max_resample_rounds: int = key(0, "extra generation rounds per step to refill after dynamic sampling")
+    overlong_mask: bool = key(False, "overlong filtering: truncated completions are left out of the loss")
+    overlong_penalty: float = key(0.0, "soft overlong punishment factor added to the reward (0 = off)")
+    overlong_cache_len: int | None = key(None, "its interval L_cache in tokens; null: max_new_tokens // 5")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = key(60, "optimizer steps")
+    epochs: int = key(1, "passes over each rollout batch (> 1: later passes are off-policy)")
+    optim_batch_size: int = key(64, "sequences per optimizer step; must divide num_prompts * group_size")
+    grad_accum_steps: int = key(1, "micro-batches per optimizer step (exact accumulation)")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = key(30, "save checkpoints/step_<N>/ at the end of the batch reaching a multiple; "
+                             "0 = final only")
+    keep_last: int | None = key(2, "keep only the newest N checkpoints (null keeps all)")
+
+
+@dataclass
+class EvalConfig:
+    heldout_size: int = key(200, "held-out rows to evaluate (0 = all)")
+    before_after: bool = key(True, "greedy held-out accuracy before and after training (in summary.json)")
+    every_n_steps: int = key(20, "also evaluate every N steps into metrics.jsonl (0 = never)")
+    batch_size: int = key(100, "sequences per generate call")
+    k: int = key(0, "samples per held-out prompt for pass@k / maj@k / mean@k (0 = greedy accuracy only)")
+    temperature: float = key("${generation.temperature}", "sampling temperature of those k samples")
+
+
+# -------------------------------------------------------------------------- groups: mode, logger
+@dataclass
+class RayModeConfig:
+    collector_cpus: float = key(1, "Ray CPUs reserved per collector actor (fractions allowed, e.g. 0.5)")
+    trainer_cpus: int = key(1, "cores kept for the trainer (this process); collectors + trainer must fit")
+    cluster_cpus: int | None = key(None, "CPUs the machine offers; null: os.cpu_count()")
+    actor_timeout_s: float = key(120.0, "longest wait for a batch or an actor; a dead or silent collector "
+                                 "stops the run")
+    weight_sync: str = key("object_store", "object_store: weights through Ray's object store | collective: "
+                           "torch.distributed broadcast (gloo on CPU, NCCL on GPU)")
+    max_restarts: int = key(0, "restart collector actors that die up to this many times in all, each "
+                            "continuing its prompt stream (object_store only)")
+    ray_address: str | None = key(None, "null: start a local Ray cluster sized to this config | auto or "
+                                     "host:port: join a running cluster")
+
+
+@dataclass
+class SyncModeConfig(RayModeConfig):
+    name: str = key("sync", "checked by the recipe: grpo-sync.py runs mode=sync")
+    ray: bool = key(False, "true: generate in a Ray collector actor holding its own copy of the policy")
+    sync_iter: bool = key(True, "(ray) true: each batch from the newest weights (age 0); false: the next "
+                          "batch is generated while training on this one (age <= 1)")
+
+
+@dataclass
+class AsyncModeConfig(RayModeConfig):
+    name: str = key("async", "checked by the recipe: grpo-async.py runs mode=async")
+    num_collectors: int = key(1, "collector actors, each holding its own copy of the policy")
+    max_staleness: int = key(1, "drop samples generated more than this many policy versions ago")
+    weight_update_frequency: int = key(1, "push weights to the collectors every N optimizer steps (at a batch "
+                                       "boundary)")
+    buffer_size: int = key(2, "rollout batches the queue holds before the collectors block")
+
+
+@dataclass
+class LoggerConfig:
+    _target_: str = key("grpo_utils.train.metrics.MetricsLogger", "the metrics logger class")
+    backend: str = key("none", "none | wandb (metrics.jsonl and the progress bar either way)")
+    project: str = key("grpo", "wandb project (backend=wandb)")
+    run_name: str | None = key(None, "wandb run name; null lets wandb choose")
+
+
+# --------------------------------------------------------------------------------------- the run
+@dataclass
+class GRPOConfig:
+    seed: int = key(0, "seeds python, numpy and torch (sampling, data order, mini-batches)")
+    resume: Any = key(False, "true: continue from the run dir's latest checkpoint; or a checkpoint path")
+    device: str = key("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    num_threads: int = key(0, "torch CPU threads; 0 keeps torch's default")
+    mode: Any = key(None, "group: sync | async (config/mode/)")
+    loss: Any = key(None, "group: the loss preset (config/loss/); its class is loss._target_")
+    logger: Any = key(None, "group: none | wandb (config/logger/)")
+    model: ModelConfig = section(ModelConfig, "the policy")
+    train_model: TrainModelConfig = section(TrainModelConfig, "where and how the policy trains")
+    ref_model: RefModelConfig = section(RefModelConfig, "where the frozen reference lives")
+    inference_model: InferenceModelConfig = section(InferenceModelConfig, "where completions are generated")
+    optimizer: OptimizerConfig = section(OptimizerConfig, "optimizer and LR schedule")
+    env: EnvConfig = section(EnvConfig, "prompts: dataset, template, batch shape")
+    rollout: RolloutConfig = section(RolloutConfig, "how completions are generated")
+    generation: GenerationConfig = section(GenerationConfig, "sampling settings")
+    reward: Any = key({"name": None, "timeout_s": 10},
+                      "name: a reward (null: the dataset's own) and its options, or components: a weighted sum")
+    advantage: AdvantageConfig = section(AdvantageConfig, "group-relative advantage (set by the loss preset)")
+    shaping: ShapingConfig = section(ShapingConfig, "rollout shaping before advantages (DAPO; set by the preset)")
+    train: TrainConfig = section(TrainConfig, "optimizer steps per batch")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints/step_<N>/")
+    eval: EvalConfig = section(EvalConfig, "held-out evaluation during training")
+
+
+MODE_SCHEMAS: dict[str, type] = {"sync": SyncModeConfig, "async": AsyncModeConfig}
+
+
+def register_schema() -> None:
+    """Store the schema in Hydra's ConfigStore: ``grpo_schema`` (the base of every training
+    config), ``mode/{sync,async}_schema``, ``logger/logger_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="grpo_schema", node=GRPOConfig)
+    cs.store(group="mode", name="sync_schema", node=SyncModeConfig)
+    cs.store(group="mode", name="async_schema", node=AsyncModeConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    from grpo_utils.algo import losses
+
+    for name, cls in (("_clipped", losses.ClippedSurrogateLoss), ("_policy_gradient", losses.PolicyGradientLoss),
+                      ("_gspo", losses.GSPOLoss), ("_cispo", losses.CISPOLoss)):
+        cs.store(group="loss", name=name, node=loss_schema(cls))
+
+
+def loss_schema(cls: type) -> type:
+    """A dataclass of a loss class's constructor arguments (their types and defaults) plus its
+    ``_target_``: the loss keys are defined once, by the class."""
+    import inspect
+    import typing
+
+    fields: dict[str, tuple] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None or not hasattr(klass, "config_keys"):
+            continue
+        hints = typing.get_type_hints(init)
+        for name, param in inspect.signature(init).parameters.items():
+            if name == "self" or param.kind is param.VAR_KEYWORD:
+                continue
+            fields[name] = (name, hints.get(name, Any), field(default=param.default))
+    target = ("_target_", str, field(default=f"{cls.__module__}.{cls.__qualname__}"))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", [target, *fields.values()])
+
+
+def defaults_of(cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``{key: default}`` of a schema dataclass."""
+    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(cls) if f.name not in exclude}
+
+
+def section_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def describe(cls: type = GRPOConfig, prefix: str = "") -> list[str]:
+    """``key: type = default  # doc`` for every key below ``cls``, sections expanded."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        if dataclasses.is_dataclass(f.type) and isinstance(f.type, type):
+            lines.append(f"{name}:  # {f.metadata.get('doc', '')}")
+            lines += describe(f.type, name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        type_name = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
+        lines.append(f"{name}: {type_name} = {default!r}  # {f.metadata.get('doc', '')}")
+    return lines

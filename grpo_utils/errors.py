@@ -1,0 +1,67 @@
+"""The package's one error family. Library code raises these; only the entry points (the recipes,
+``grpo-eval.py``, the rewards CLI) turn them into a one-line message and an exit status."""
+
+from __future__ import annotations
+
+
+class GRPOError(Exception):
+    """Base of every error raised on purpose. ``kind`` prefixes the one-line message."""
+
+    kind = "error"
+
+    def __init__(self, message: str = "", *, checkpoint_step: int | None = None):
+        super().__init__(message)
+        #: Step of the last checkpoint written before the error reached the entry point (if any).
+        self.checkpoint_step = checkpoint_step
+
+    def one_line(self) -> str:
+        where = f"; last checkpoint: step {self.checkpoint_step}" if self.checkpoint_step else ""
+        return f"{self.kind}: {self}{where}"
+
+
+class ConfigError(GRPOError, ValueError):
+    """A config value is inconsistent, unknown or short of resources; the message names the key."""
+
+    kind = "config error"
+
+
+class DataError(GRPOError, ValueError):
+    """A data file or row is not what the config says it should be (message names ``file:line``)."""
+
+    kind = "data error"
+
+
+class ModelError(GRPOError):
+    """A model or tokenizer cannot be loaded from what ``model.name`` points at."""
+
+    kind = "model error"
+
+
+class CheckpointError(GRPOError):
+    """A checkpoint to resume from is missing or unreadable."""
+
+
+class CollectorFailed(GRPOError, RuntimeError):
+    """A collector actor died or stopped answering; the message says which and why."""
+
+
+class WeightSyncError(GRPOError, RuntimeError):
+    """Weights could not be delivered to an inference worker."""
+
+
+class Terminated(GRPOError):
+    """The process got SIGTERM (e.g. from a scheduler); raised so the run unwinds and checkpoints."""
+
+    def __str__(self) -> str:
+        return "terminated (SIGTERM)"
+
+
+def raise_on_sigterm() -> None:
+    """A scheduler's SIGTERM unwinds like Ctrl-C (checkpoint, shut Ray down) instead of killing the
+    process outright. Ray's ``init`` installs its own handler, so this runs again after it."""
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,174 @@
+"""The GRPO training loop shared by ``grpo-sync.py``, ``grpo-async.py`` and scripts.
+
+What differs between the modes is only where a batch comes from (the local rollout, one Ray
+collector asked for each batch, or a pool of collectors streaming into a queue: see
+:func:`grpo_utils.build.batch_source`) and how often the weights are pushed back. Every step is:
+
+    batch = source.collect()                # P prompts x G completions, scored
+    prepare(batch)                          # behaviour/reference log-probs, advantages
+    for each optimizer step on the batch:   # train.epochs passes in optim_batch_size mini-batches
+        step, log, evaluate
+    push the weights every N steps          # policy_version += 1, at a batch boundary
+    checkpoint at a batch boundary
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from grpo_utils import build
+from grpo_utils.errors import GRPOError
+from grpo_utils.train import checkpoint as ckpt
+from grpo_utils.train import sources
+from grpo_utils.train.run import prepare_process
+from grpo_utils.train.state import TrainState
+
+
+class GRPOLoop:
+    """``setup()`` builds everything (raising a :class:`~grpo_utils.errors.GRPOError` before any
+    model loads when the config or the machine is wrong), ``train()`` runs to ``train.max_steps``,
+    ``save_checkpoint()`` writes ``checkpoints/step_<N>/``, ``cleanup()`` releases the batch
+    source and writes ``final_model/`` and ``summary.json``. An error or Ctrl-C inside
+    ``train()`` checkpoints the step reached before it propagates."""
+
+    def __init__(self, cfg: DictConfig, mode: str, run_dir: str | Path):
+        self.cfg, self.mode, self.run_dir = cfg, mode, Path(run_dir)
+        self.state = TrainState()
+        self.source = self.logger = None
+        self._source_open = False
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.device = prepare_process(cfg, self.mode)
+        self.loss_fn = build.loss(cfg.loss)
+        self.reward_fn = build.reward(cfg)
+        self.train_rows, self.heldout_rows = build.rows(cfg.env, cfg.eval.heldout_size)
+        resume_from = build.resume_checkpoint(cfg.resume, self.run_dir)
+
+        self.model, self.tokenizer = build.policy(cfg, self.device)
+        ref_model = build.reference(self.model) if self.loss_fn.needs_reference else None
+        self.renderer = build.renderer(cfg.env, self.tokenizer, self.train_rows[0])
+        self.trainer = build.trainer(cfg, self.model, self.loss_fn, ref_model)
+        saved: dict[str, Any] = {}
+        if resume_from is not None:
+            ckpt.load_model_weights(resume_from, self.model)
+            saved = ckpt.load_trainer_state(resume_from)
+            self.trainer.load_state_dict(saved["trainer"])
+            self.state = TrainState.from_checkpoint(saved)
+
+        self.evaluate = build.held_out_evaluator(cfg, self.model, self.tokenizer, self.renderer, self.reward_fn,
+                                                 self.heldout_rows)
+        self.logger = build.logger(cfg, self.run_dir, start_step=self.state.step)
+        try:
+            self.source = sources.batch_source(cfg, self.mode, self, resume_from, self.state)
+        except BaseException:
+            self.logger.close()
+            raise
+        self._source_open = True
+        if resume_from is not None:  # last: nothing above may draw from the restored RNG streams
+            ckpt.restore_rng_state(saved["rng"])
+            print(f"Resumed from {resume_from} at step {self.state.step}")
+
+        updates_per_batch = cfg.train.epochs * cfg.env.num_prompts * cfg.env.group_size // cfg.train.optim_batch_size
+        # Behaviour log-probs are needed when a batch is reused for several updates, for a KL
+        # penalty in the reward, or to correct the sampler's log-probs; with one update per batch
+        # the policy that sampled is the one being trained (ratio exactly 1). Ray collectors send
+        # them with the batch, computed with the weights that sampled.
+        self.need_behaviour = (updates_per_batch > 1 or self.loss_fn.kl_in_reward
+                               or self.loss_fn.needs_rollout_log_probs)
+        self.micro_batch_size = cfg.train.optim_batch_size // cfg.train.grad_accum_steps
+        self.push_every = sources.push_every(cfg, self.mode)
+        self.advantages = build.advantage_stage(cfg, self.loss_fn)
+        self.t_start = time.perf_counter()
+
+    def train(self) -> None:
+        cfg, state = self.cfg, self.state
+        self.t_start = time.perf_counter()
+        try:
+            if cfg.eval.before_after and state.heldout_accuracy_before is None:
+                first = self.evaluate()
+                state.heldout_accuracy_before = first["eval/accuracy"]
+                self.logger.log_eval(first, step=0)
+            since_push = 0
+            while state.step < cfg.train.max_steps:
+                batch, stats = self.source.collect()
+                stats |= self.prepare(batch)
+                checkpoints_before = self._checkpoints_due()
+                for metrics in self.trainer.train_on_batch(batch, stats["time/generate_s"]):
+                    state.step += 1
+                    since_push += 1
+                    self.logger.log({**stats, **metrics, "policy_version": state.policy_version}, step=state.step)
+                    if cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0:
+                        self.logger.log_eval(self.evaluate(), step=state.step)
+                    if state.step >= cfg.train.max_steps:
+                        break
+                # At a batch boundary, so every update on one batch sees one sample age.
+                if since_push >= self.push_every:
+                    state.policy_version += 1
+                    since_push = 0
+                    if state.step < cfg.train.max_steps:
+                        self.source.sync_weights(self.model, state.policy_version)
+                if self._checkpoints_due() > checkpoints_before:
+                    self.save_checkpoint()  # at a batch boundary: resuming replays nothing, skips nothing
+        except BaseException as error:
+            self._close_source()
+            saved = self.save_checkpoint()
+            self.logger.close()
+            if isinstance(error, GRPOError | KeyboardInterrupt):
+                error.checkpoint_step = saved if saved > 0 else None
+            raise
+
+    def prepare(self, batch) -> dict[str, float]:
+        """Behaviour and reference log-probs, then advantages. A Ray collector sends the former,
+        and the latter too unless a KL-in-reward penalty needs the trainer's reference model."""
+        self.trainer.annotate(batch, need_behaviour=self.need_behaviour and "old_log_probs" not in batch.keys(),
+                              micro_batch_size=self.micro_batch_size)
+        return {} if "advantage" in batch.keys() else self.advantages(batch)
+
+    def _checkpoints_due(self) -> int:
+        every = self.cfg.checkpoint.every_n_steps
+        return self.state.step // every if every else 0
+
+    def save_checkpoint(self) -> int:
+        """Write ``checkpoints/step_<step>/`` unless that step is saved already; returns the newest
+        saved step (-1: none)."""
+        state = self.state
+        if state.step > 0 and state.step != state.saved_step:
+            payload = state.to_checkpoint(self.trainer.state_dict(), self.source.checkpoint_state())
+            ckpt.save_checkpoint(self.run_dir, state.step, self.model, self.tokenizer, payload,
+                                 keep_last=self.cfg.checkpoint.keep_last)
+            state.saved_step = state.step
+        return state.saved_step
+
+    def cleanup(self) -> dict[str, Any]:
+        """Release the batch source, evaluate once more, write the last checkpoint, ``final_model/``
+        and ``summary.json``, print the summary; returns the summary."""
+        from grpo_utils.train.metrics import format_summary, plot_reward_curve, write_summary
+
+        self._close_source()
+        cfg, state = self.cfg, self.state
+        extra = {"data/skipped_rows": self.train_rows.skipped + self.heldout_rows.skipped,
+                 "policy_version": state.policy_version}
+        if cfg.eval.before_after:
+            after = self.evaluate()
+            self.logger.log_eval(after, step=state.step)
+            extra |= {"heldout_accuracy_before": state.heldout_accuracy_before,
+                      "heldout_accuracy_after": after["eval/accuracy"]}
+        self.save_checkpoint()
+        ckpt.save_final_model(self.run_dir, self.model, self.tokenizer)
+        self.logger.close()
+        summary = write_summary(self.run_dir, steps_done=state.step, wall_time_s=time.perf_counter() - self.t_start,
+                                extra=extra)
+        plot = plot_reward_curve(self.run_dir)
+        print(format_summary(summary))
+        print(f"Run directory: {self.run_dir}" + (f"  (reward curve: {plot.name})" if plot else ""))
+        return summary
+
+    def _close_source(self) -> None:
+        if self._source_open:
+            self._source_open = False
+            self.source.close()
