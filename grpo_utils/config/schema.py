@@ -85,7 +85,8 @@ class CountdownDataConfig:
 class DataConfig:
     """The data keys shared by training and ``grpo-eval.py``."""
 
-    dataset: str = key("quickstart", "quickstart | gsm8k | math | ifeval | countdown | jsonl")
+    dataset: str = key("quickstart", "quickstart | gsm8k | math | ifeval | countdown | jsonl | the dotted path "
+                       "of your own function (split, env) -> rows")
     train_path: str | None = key(None, "training JSONL (file datasets)")
     test_path: str | None = key(None, "held-out JSONL (file datasets); null: hold out part of train_path")
     heldout_fraction: float = key(0.0, "without test_path: fraction of train_path held out (fixed draw, removed "

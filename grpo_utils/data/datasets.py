@@ -401,6 +401,16 @@ def load_split(env_cfg, split: str) -> Rows:
     name = env_cfg.dataset
     if split not in SPLITS:
         raise DataError(f"split={split!r} is unknown; expected train or test")
+    if is_user_dataset(name):
+        rows = user_dataset(name)(split, env_cfg)
+        rows = rows if isinstance(rows, list) else list(rows)
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"env.dataset={name}: row {i} of the {split} split is a {type(row).__name__}, "
+                                "expected a dict")
+        if not rows:
+            raise DataError(f"env.dataset={name}: the {split} split is empty")
+        return Rows(rows, source=name)
     if name == "quickstart":
         q = env_cfg.quickstart
         test = quickstart_rows(q.num_test, seed=2)
@@ -435,14 +445,33 @@ def load_split(env_cfg, split: str) -> Rows:
     return Rows(train, skipped=rows.skipped, source=rows.source)
 
 
+def is_user_dataset(name) -> bool:
+    """``env.dataset`` names a function of the user's (``my_pkg.data.rows``) rather than a builtin."""
+    return isinstance(name, str) and "." in name
+
+
+def user_dataset(name: str) -> Callable[[str, Any], Any]:
+    """The function ``env.dataset`` names: ``(split, env) -> rows`` (dicts with the fields
+    ``env.prompt_format`` and the reward read), for ``split`` "train" and "test"."""
+    from hydra.utils import get_method
+
+    try:
+        return get_method(name)
+    except Exception as e:
+        raise DataError(f"env.dataset={name} cannot be imported ({str(e).splitlines()[0]})") from None
+
+
 def validate_env(env_cfg, splits: tuple[str, ...] = SPLITS) -> None:
     """Check the ``env:`` data settings needed to load ``splits`` without reading any data.
 
     Raises :class:`DataError` with one line naming the key (for ``config.validate``).
     """
     name = _opt(env_cfg, "dataset")
-    if name not in DATASETS:
-        raise DataError(f"env.dataset={name!r} is unknown; expected one of {', '.join(DATASETS)}")
+    if is_user_dataset(name):
+        user_dataset(name)  # importable now, not after the model has loaded
+    elif name not in DATASETS:
+        raise DataError(f"env.dataset={name!r} is unknown; expected one of {', '.join(DATASETS)}, or the "
+                        "dotted path of your own function (split, env) -> rows")
     template = _opt(env_cfg, "template")
     if template is not None and template not in TEMPLATES:
         raise DataError(f"env.template={template!r} is unknown; expected one of {', '.join(TEMPLATES)}")

@@ -502,3 +502,38 @@ def test_validate_env_accepts_good_settings(tmp_path):
     validate_env(env_cfg(dataset="quickstart", template="r1_zero"))
     validate_env(env_cfg(dataset="math", test_path=str(path)), ("test",))  # eval on a test file only
     validate_env(env_cfg(dataset="math", train_path=str(path), heldout_fraction=0.1))  # held out of train
+
+
+# ---- a dataset of the user's own: env.dataset=<dotted path of a function (split, env) -> rows> --------
+
+
+def user_rows(split, env):
+    """A user's dataset function, as ``env.dataset=tests.data.test_datasets.user_rows`` names it."""
+    n = 6 if split == "train" else 2
+    return ({"question": f"{split} {i} + {i}?", "answer": str(2 * i)} for i in range(n))
+
+
+def no_rows(split, env):
+    return []
+
+
+def test_user_dataset_function_is_called_per_split():
+    from grpo_utils.data.datasets import validate_env
+
+    env = env_cfg(dataset="tests.data.test_datasets.user_rows")
+    validate_env(env)
+    train, test = load_split(env, "train"), load_split(env, "test")
+    assert [r["answer"] for r in train] == ["0", "2", "4", "6", "8", "10"]
+    assert test[1] == {"question": "test 1 + 1?", "answer": "2"}
+    assert train.source == "tests.data.test_datasets.user_rows" and train.skipped == 0
+
+
+def test_user_dataset_errors_are_one_line():
+    from grpo_utils.data.datasets import validate_env
+
+    with pytest.raises(DataError, match=r"^env.dataset=my_pkg.nowhere.rows cannot be imported \("):
+        validate_env(env_cfg(dataset="my_pkg.nowhere.rows"))
+    with pytest.raises(DataError, match=r"^env.dataset='squad' is unknown; expected one of .*or the dotted path"):
+        validate_env(env_cfg(dataset="squad"))
+    with pytest.raises(DataError, match=r"^env.dataset=tests.data.test_datasets.no_rows: the train split is empty$"):
+        load_split(env_cfg(dataset="tests.data.test_datasets.no_rows"), "train")
