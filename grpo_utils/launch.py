@@ -29,12 +29,12 @@ def exit_on_error() -> Iterator[None]:
         sys.exit(INTERRUPTED_EXIT_CODE)
 
 
-def launch(main: Callable[[], None], mode: str, config_dir: str | Path,
+def launch(main: Callable[[], None], mode: str | None, config_dir: str | Path,
            default_config: str = "grpo_quickstart") -> None:
     """Run a recipe's ``@hydra.main`` function: with ``mode=<mode>`` unless the command line picks
     a mode itself (each recipe defaults to its own mode whatever ``--config-name`` says), after
     checking the command line's keys and values against the config (one line, before Hydra)."""
-    if not any(arg.split("=", 1)[0].lstrip("+~") == "mode" for arg in sys.argv[1:]):
+    if mode and not any(arg.split("=", 1)[0].lstrip("+~") == "mode" for arg in sys.argv[1:]):
         sys.argv.append(f"mode={mode}")
     own_configs = any(arg.split("=", 1)[0] in ("--config-path", "-cp", "--config-dir", "-cd") for arg in sys.argv)
     if not own_configs:

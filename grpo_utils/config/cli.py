@@ -197,7 +197,8 @@ def _check_value(cfg: DictConfig, key: str, value) -> None:
         raise ConfigError(f"{key}={value!r}: {detail}") from None
 
 
-def compose_jobs(argv: list[str], config_dir: str | Path, default_config: str, mode: str) -> list[DictConfig]:
+def compose_jobs(argv: list[str], config_dir: str | Path, default_config: str,
+                 mode: str | None) -> list[DictConfig]:
     """The configs a command line asks for (one per job of a ``-m`` sweep), composed as the
     recipe's Hydra would, after :func:`check_command_line`; ``mode=<mode>`` unless it picks one."""
     import itertools
@@ -207,7 +208,7 @@ def compose_jobs(argv: list[str], config_dir: str | Path, default_config: str, m
 
     check_command_line(argv, config_dir, default_config)
     config_name, args = _split_argv(argv)
-    if not any(a.split("=", 1)[0] == "mode" for a in args):
+    if mode and not any(a.split("=", 1)[0] == "mode" for a in args):
         args = [*args, f"mode={mode}"]
     parsed = OverridesParser.create().parse_overrides(args)
     axes = [[o.get_key_element() + "=" + str(v) for v in (o.sweep_string_iterator() if o.is_sweep_override()

@@ -120,12 +120,18 @@ class RolloutConfig:
 
 
 @dataclass
-class GenerationConfig:
+class SamplingConfig:
+    """The sampling keys shared by training and ``grpo-eval.py``."""
+
     max_new_tokens: int = key(4, "completion budget; longer completions are truncated")
-    min_new_tokens: int = key(0, "force at least this many tokens (benchmarks use it for fixed lengths)")
-    temperature: float = key(1.0, "sampling temperature (the loss uses the same one)")
+    temperature: float = key(1.0, "sampling temperature (in training the loss uses the same one)")
     top_p: float = key(1.0, "nucleus sampling threshold")
     top_k: int = key(0, "0 = unrestricted")
+
+
+@dataclass
+class GenerationConfig(SamplingConfig):
+    min_new_tokens: int = key(0, "force at least this many tokens (benchmarks use it for fixed lengths)")
 
 
 # ------------------------------------------------------------------------------------- algorithm
@@ -239,6 +245,35 @@ class GRPOConfig:
     eval: EvalConfig = section(EvalConfig, "held-out evaluation during training")
 
 
+# -------------------------------------------------------------------------------- grpo-eval.py
+@dataclass
+class EvalSettingsConfig:
+    split: str = key("test", "test (held-out) | train")
+    k: int = key(8, "samples per prompt for pass@1..pass@k, maj@k, mean@k; 0 = greedy only")
+    greedy: bool = key(True, "also measure greedy accuracy")
+    max_prompts: int = key(0, "evaluate only the first N prompts of the split (0 = all)")
+    batch_size: int = key(64, "sequences per generate call")
+    sample_seed: int | None = key(0, "seed of the k samples (null: continue from the global seed)")
+    report_path: str | None = key(None, "JSON report; null = <hydra run dir>/eval_report.json")
+    samples_path: str | None = key(None, "also write each prompt's completions, answers and scores as JSONL")
+
+
+@dataclass
+class EvalRunConfig:
+    """``grpo-eval.py``: the data, model, sampling and reward sections mean what they mean in training."""
+
+    seed: int = key(0, "seeds python, numpy and torch before evaluation")
+    device: str = key("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
+    num_threads: int = key(0, "torch CPU threads; 0 keeps torch's default")
+    model: ModelConfig = section(ModelConfig, "a model dir, checkpoints/step_<N>, a run dir (its latest "
+                                 "checkpoint), a hub name, or builtin:quickstart")
+    env: DataConfig = section(DataConfig, "the dataset and its template")
+    generation: SamplingConfig = section(SamplingConfig, "sampling of the k samples (greedy ignores it)")
+    reward: Any = key({"name": None, "timeout_s": 10},
+                      "the reward that judges correctness (null: the dataset's own); options with +reward.<option>")
+    eval: EvalSettingsConfig = section(EvalSettingsConfig, "what to measure and where to write it")
+
+
 MODE_SCHEMAS: dict[str, type] = {"sync": SyncModeConfig, "async": AsyncModeConfig}
 
 
@@ -249,6 +284,7 @@ def register_schema() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="grpo_schema", node=GRPOConfig)
+    cs.store(name="grpo_eval_schema", node=EvalRunConfig)
     cs.store(group="mode", name="sync_schema", node=SyncModeConfig)
     cs.store(group="mode", name="async_schema", node=AsyncModeConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)

@@ -23,22 +23,6 @@ ENGINES = ("direct", "collector")
 OPTIMIZERS = ("AdamW",)
 
 
-def check_keys(cfg: DictConfig, schema: dict[str, set[str]], optional=lambda section: False) -> None:
-    """Raise :class:`ConfigError` naming the first key not in ``schema`` (section -> allowed keys;
-    "" is the top level). A missing section is an error unless ``optional(section)``."""
-    for section, allowed in schema.items():
-        node = OmegaConf.select(cfg, section) if section else cfg
-        if node is None:
-            if optional(section):
-                continue
-            raise ConfigError(f"missing config section '{section}'")
-        for key in node.keys():
-            if key not in allowed:
-                where = f"{section}.{key}" if section else str(key)
-                raise ConfigError(f"unknown config key '{where}'; allowed in '{section or 'top level'}': "
-                                  f"{', '.join(sorted(allowed))}")
-
-
 def _require(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)

@@ -264,18 +264,6 @@ def evaluate(model, tokenizer, renderer, reward_fn, rows: list[dict[str, Any]], 
 
 # ----------------------------------------------------------------------------- the eval recipe's parts
 
-EVAL_SCHEMA: dict[str, set[str]] = {
-    "": {"seed", "device", "num_threads", "model", "env", "generation", "reward", "eval"},
-    "model": {"name", "dtype"},
-    # the data keys of the training configs' env section (not the rollout sizes)
-    "env": {"dataset", "train_path", "test_path", "prompt_field", "answer_field", "prompt_format",
-            "system_prompt", "chat_template", "template", "heldout_fraction", "heldout_count", "skip_bad_rows",
-            "quickstart", "countdown"},
-    "env.quickstart": {"num_train", "num_test"},
-    "env.countdown": {"num_train", "num_test", "seed", "min_numbers", "max_numbers", "max_number", "max_target"},
-    "generation": {"max_new_tokens", "temperature", "top_p", "top_k"},
-    "eval": {"split", "k", "greedy", "max_prompts", "batch_size", "sample_seed", "report_path", "samples_path"},
-}
 
 
 class EvalConfigError(ConfigError):
@@ -285,13 +273,9 @@ class EvalConfigError(ConfigError):
 def validate_eval_config(cfg) -> None:
     """Raise :class:`EvalConfigError` (one line naming the key) on the first problem found."""
 
-    from grpo_utils.config.validate import ConfigError, check_keys
     from grpo_utils.data.datasets import DataError, validate_env
 
-    try:  # the generated datasets' own sub-sections (env.*) are optional
-        check_keys(cfg, EVAL_SCHEMA, optional=lambda section: section.startswith("env."))
-    except ConfigError as err:
-        raise EvalConfigError(str(err)) from None
+    # Keys and types were checked when Hydra merged the config into the schema (EvalRunConfig).
     e, g = cfg.eval, cfg.generation
     checks = [
         (e.split in ("train", "test"), f"eval.split={e.split!r} is unknown; expected train or test"),

@@ -15,7 +15,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from grpo_utils.config.validate import resolve_device, seed_everything
+from grpo_utils.config.validate import resolve_device, reward_config, seed_everything
 from grpo_utils.data.datasets import load_split
 from grpo_utils.data.prompts import renderer_from_config
 from grpo_utils.errors import ConfigError, DataError, ModelError
@@ -42,7 +42,7 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> tuple[dict[str, Any]
     if cfg.eval.max_prompts:
         rows = rows[: cfg.eval.max_prompts]
     try:
-        reward_fn = RewardFunction(**OmegaConf.to_container(cfg.reward, resolve=True))
+        reward_fn = RewardFunction(**reward_config(cfg))
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
     check_reward(reward_fn, rows[0], cfg.env.dataset)

@@ -9,13 +9,15 @@ report (default ``<hydra run dir>/eval_report.json``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from grpo_utils.eval.evaluate import format_table
 from grpo_utils.eval.run import run_evaluation
-from grpo_utils.launch import exit_on_error
+from grpo_utils.launch import exit_on_error, launch
 
 
 @hydra.main(config_path="../../config", config_name="grpo_eval", version_base="1.3")
@@ -27,4 +29,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch(main, mode=None, config_dir=Path(__file__).resolve().parents[2] / "config", default_config="grpo_eval")
