@@ -132,16 +132,16 @@ def advantage_stage(cfg: DictConfig, loss_fn):
 
 
 def rollout(cfg: DictConfig, model, tokenizer, render, reward_fn, stream, loss_fn):
-    """``rollout.engine=direct`` (one batched TransformersWrapper call) or ``collector`` (TorchRL's
-    LLMCollector over a DatasetChatEnv); both yield the same batches. The Ray actors build theirs here too."""
-    from grpo_utils.rollout.group import GroupRollout, generation_kwargs
+    """The engine ``rollout._target_`` names (``rollout=direct``: one batched TransformersWrapper
+    call; ``collector``: TorchRL's LLMCollector over a DatasetChatEnv; both yield the same
+    batches). The Ray actors build theirs here too."""
+    from grpo_utils.config.validate import rollout_class
+    from grpo_utils.rollout.group import generation_kwargs
 
-    args = (model, tokenizer, render, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size, stream)
-    if cfg.rollout.engine == "collector":
-        from grpo_utils.rollout.collector import CollectorRollout
-
-        return CollectorRollout(*args, shaping=shaping(cfg))
-    return GroupRollout(*args, keep_rollout_log_probs=loss_fn.needs_rollout_log_probs, shaping=shaping(cfg))
+    engine = rollout_class(cfg)
+    extra = {"keep_rollout_log_probs": True} if engine.samples_log_probs and loss_fn.needs_rollout_log_probs else {}
+    return engine(model, tokenizer, render, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size, stream,
+                  shaping=shaping(cfg), **extra)
 
 
 def held_out_evaluator(cfg: DictConfig, model, tokenizer, render, reward_fn, heldout_rows):

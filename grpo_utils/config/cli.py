@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from grpo_utils.errors import ConfigError
 
-GROUPS = ("mode", "loss", "logger", "shaping")
+GROUPS = ("mode", "loss", "logger", "shaping", "rollout")
 
 # Keys a user may type that this project names differently: TorchRL's GRPO scripts' keys, and
 # this project's keys from before they moved. Value: the key to use, and a note when the meaning
@@ -50,8 +50,8 @@ RENAMED: dict[str, tuple[str, str]] = {
     "ref_model.torch_dtype": ("model.dtype", ""),
     "ref_model.gradient_checkpointing": ("", "the reference never trains"),
     "ref_model.attn_implementation": ("", "the model's default attention is used"),
-    "inference_model.backend": ("rollout.engine", "direct | collector (transformers generate); vLLM is not "
-                                "available yet"),
+    "inference_model.backend": ("rollout", "rollout=direct | rollout=collector (transformers generate); vLLM "
+                                "is not available yet"),
     "inference_model.temperature": ("generation.temperature", ""),
     "inference_model.top_p": ("generation.top_p", ""),
     "inference_model.max_tokens": ("generation.max_new_tokens", ""),
@@ -73,6 +73,7 @@ RENAMED: dict[str, tuple[str, str]] = {
     "train.warmup_steps": ("optimizer.warmup_steps", ""),
     "train.min_lr_ratio": ("optimizer.min_lr_ratio", ""),
     "model.gradient_checkpointing": ("train_model.gradient_checkpointing", ""),
+    "rollout.engine": ("rollout", "rollout=direct | rollout=collector; your own engine: rollout._target_"),
     "mode.collector_gpus": ("inference_model.num_devices", "GPUs per collector actor"),
     "wandb.project": ("logger.project", "with logger=wandb"),
     "wandb.run_name": ("logger.run_name", "with logger=wandb"),

@@ -115,8 +115,8 @@ class EnvConfig(DataConfig):
 # --------------------------------------------------------------------------------------- rollout
 @dataclass
 class RolloutConfig:
-    engine: str = key("direct", "direct: one batched TransformersWrapper call per step | collector: TorchRL "
-                      "LLMCollector over a DatasetChatEnv (same batches, slower)")
+    _target_: str = key("grpo_utils.rollout.group.GroupRollout", "the rollout engine's class (group rollout=: "
+                        "direct = one batched TransformersWrapper call | collector = TorchRL LLMCollector)")
 
 
 @dataclass
@@ -234,7 +234,7 @@ class GRPOConfig:
     inference_model: InferenceModelConfig = section(InferenceModelConfig, "where completions are generated")
     optimizer: OptimizerConfig = section(OptimizerConfig, "optimizer and LR schedule")
     env: EnvConfig = section(EnvConfig, "prompts: dataset, template, batch shape")
-    rollout: RolloutConfig = section(RolloutConfig, "how completions are generated")
+    rollout: Any = key(None, "group: direct | collector (config/rollout/): the engine that generates completions")
     generation: GenerationConfig = section(GenerationConfig, "sampling settings")
     reward: Any = key({"name": None, "timeout_s": 10},
                       "name: a reward (null: the dataset's own) and its options, or components: a weighted sum")
@@ -288,6 +288,7 @@ def register_schema() -> None:
     cs.store(group="mode", name="sync_schema", node=SyncModeConfig)
     cs.store(group="mode", name="async_schema", node=AsyncModeConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="rollout", name="rollout_schema", node=RolloutConfig)
     from grpo_utils.algo import losses
 
     for name, cls in (("_clipped", losses.ClippedSurrogateLoss), ("_policy_gradient", losses.PolicyGradientLoss),

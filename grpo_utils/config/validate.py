@@ -19,7 +19,6 @@ from grpo_utils.models.loading import DTYPES
 from grpo_utils.rewards import plan_reward
 
 LOGGERS = ("none", "wandb")
-ENGINES = ("direct", "collector")
 OPTIMIZERS = ("AdamW",)
 
 
@@ -65,14 +64,13 @@ def validate(cfg: DictConfig, mode: str) -> None:
              f"env.group_size={env.group_size} must be >= 2 (advantages are relative to the group)")
 
     is_correction = OmegaConf.select(cfg, "loss.is_correction", default="none")
-    _require(is_correction == "none" or (cfg.rollout.engine == "direct" and cfg.generation.temperature == 1.0),
-             f"loss.is_correction={is_correction} needs rollout.engine=direct and generation.temperature=1: "
+    engine = rollout_class(cfg)
+    _require(is_correction == "none" or (engine.samples_log_probs and cfg.generation.temperature == 1.0),
+             f"loss.is_correction={is_correction} needs rollout=direct and generation.temperature=1: "
              "TorchRL's TransformersWrapper reports log-probs of the untempered logits")
-    _require(cfg.rollout.engine in ENGINES,
-             f"rollout.engine={cfg.rollout.engine!r} is unknown; expected one of {', '.join(ENGINES)}")
     template = env.get("template") or ("chat" if env.chat_template else "plain")
-    _require(cfg.rollout.engine != "collector" or template == "chat",
-             "rollout.engine=collector needs the chat template (TorchRL's ChatEnv renders chats)")
+    _require(not engine.needs_chat_template or template == "chat",
+             f"rollout={engine.__name__} needs the chat template (TorchRL's ChatEnv renders chats)")
     gen = cfg.generation
     _require(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens} must be >= 1")
     _require(gen.temperature > 0, f"generation.temperature={gen.temperature} must be > 0")
@@ -134,6 +132,22 @@ def check_placement(cfg: DictConfig, mode: str, needs_reference: bool) -> None:
     _require(not cfg.inference_model.num_devices or mode == "async" or cfg.mode.ray,
              f"inference_model.num_devices={cfg.inference_model.num_devices} needs mode.ray=true or grpo-async.py: "
              "locally the generator is the training module, on its device")
+
+
+def rollout_class(cfg: DictConfig) -> type:
+    """The class ``rollout._target_`` names; a :class:`~grpo_utils.rollout.group.GroupRollout` subclass."""
+    from hydra.utils import get_class
+
+    from grpo_utils.rollout.group import GroupRollout
+
+    try:
+        cls = get_class(cfg.rollout._target_)
+    except Exception as e:
+        raise ConfigError(f"rollout._target_={cfg.rollout._target_} cannot be imported ({str(e).splitlines()[0]})") \
+            from None
+    _require(isinstance(cls, type) and issubclass(cls, GroupRollout),
+             f"rollout._target_={cfg.rollout._target_} must be a GroupRollout subclass (same constructor, collect())")
+    return cls
 
 
 def reward_config(cfg: DictConfig) -> dict:

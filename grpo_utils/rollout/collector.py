@@ -2,10 +2,10 @@
 collector: a ``DatasetChatEnv`` whose primer repeats each prompt ``group_size`` times, a
 ``TransformersWrapper`` in history mode, and an ``LLMCollector`` yielding one batch per step.
 
-Select it with ``rollout.engine=collector``. It is the path to use when a run needs TorchRL env
+Select it with ``rollout=collector``. It is the path to use when a run needs TorchRL env
 machinery (env transforms, tools, multi-turn); it produces the same dense batch, so rewards,
 advantages, losses and checkpoints are shared. It costs more per step than the default
-``rollout.engine=direct`` (see bench/RESULTS.md): the collector stacks and clones lazily stacked
+``rollout=direct`` (see bench/RESULTS.md): the collector stacks and clones lazily stacked
 histories on every step.
 """
 
@@ -61,11 +61,14 @@ def make_grouped_env(dataloader: DataLoader, tokenizer, num_prompts: int, group_
 class CollectorRollout(GroupRollout):
     """:class:`GroupRollout` whose generation runs through ``LLMCollector`` over a ``DatasetChatEnv``."""
 
+    samples_log_probs = False  # the history-mode wrapper's log-probs are not kept
+    needs_chat_template = True
+
     def __init__(self, model, tokenizer, renderer, reward_fn, gen_kwargs: dict[str, Any], group_size: int,
                  stream: PromptStream, shaping=None):
         super().__init__(model, tokenizer, renderer, reward_fn, gen_kwargs, group_size, stream, shaping=shaping)
         if not renderer.chat:
-            raise ValueError("rollout.engine=collector needs env.chat_template=true (ChatEnv renders chats)")
+            raise ValueError("rollout=collector needs env.chat_template=true (ChatEnv renders chats)")
         self._gen_kwargs = dict(gen_kwargs)
         self._model = model
         self._source: _StreamPrompts | None = None

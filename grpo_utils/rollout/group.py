@@ -84,7 +84,16 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 class GroupRollout:
-    """Draws prompts from ``stream``, samples ``group_size`` completions for each, scores them."""
+    """Draws prompts from ``stream``, samples ``group_size`` completions for each, scores them.
+
+    The default rollout engine (``rollout=direct``) and the base of the others: an engine named
+    with ``rollout._target_`` takes this constructor and yields the same batches from ``collect()``.
+    """
+
+    #: The engine can keep the sampler's own log-probs (for ``loss.is_correction``).
+    samples_log_probs = True
+    #: The engine renders prompts itself and needs the chat template.
+    needs_chat_template = False
 
     def __init__(self, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
                  gen_kwargs: dict[str, Any], group_size: int, stream: PromptStream,

@@ -102,6 +102,7 @@ def test_sweep_over_a_torchrl_kl_key_names_ours():
     ("env.repeats", "env.group_size"), ("env.num_envs", "env.num_prompts"), ("train.lr", "optimizer.lr"),
     ("model.gradient_checkpointing", "train_model.gradient_checkpointing"),
     ("mode.collector_gpus", "inference_model.num_devices"), ("loss.dynamic_sampling", "shaping.dynamic_sampling"),
+    ("rollout.engine", "rollout"),
 ])
 def test_renamed_keys_name_the_key_to_use(key, ours):
     with pytest.raises(ConfigError, match=rf"^{key} is not a key of this config; use {ours}\b"):
@@ -158,3 +159,23 @@ def test_recipe_prints_the_one_line_before_hydra():
     assert out.stderr.strip().splitlines() == [
         "config error: train.kl_to_ref_coeff is not a key of this config; use loss.kl_coef (> 0 loads a frozen "
         "reference model)"]
+
+
+def test_rollout_engine_is_named_by_its_class():
+    (cfg,) = check("rollout=collector")
+    assert cfg.rollout._target_ == "grpo_utils.rollout.collector.CollectorRollout"
+    (cfg,) = check("rollout._target_=tests.config.test_command_lines.MyRollout")  # a user's own engine
+    from grpo_utils.config.validate import rollout_class
+
+    assert rollout_class(cfg) is MyRollout
+    with pytest.raises(ConfigError, match=r"^rollout._target_=builtins.dict must be a GroupRollout subclass"):
+        check("rollout._target_=builtins.dict")
+    with pytest.raises(ConfigError, match=r"^rollout=Coll.* needs the chat template"):
+        check("rollout=collector env.chat_template=false")
+
+
+from grpo_utils.rollout.group import GroupRollout  # noqa: E402
+
+
+class MyRollout(GroupRollout):
+    """A user's engine: same constructor and batches, e.g. another generator behind ``generate``."""

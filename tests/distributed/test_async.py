@@ -277,7 +277,7 @@ def test_async_restarts_a_dead_collector_then_stops_when_restarts_run_out(env, t
 def test_torchrl_collector_engine_runs_inside_the_ray_actor(env, tiny_dir, tmp_path):
     run_dir = tmp_path / "engine"
     run_async(env, *sync_ray_overrides(tiny_dir, run_dir, "train.max_steps=4", "eval.before_after=false",
-                                       "rollout.engine=collector"), recipe=SYNC_RECIPE)
+                                       "rollout=collector"), recipe=SYNC_RECIPE)
     train = train_lines(run_dir)
     assert [r["staleness/max"] for r in train] == [0, 0, 0, 0]
     assert [r["policy_version"] for r in train] == [0, 0, 1, 1]

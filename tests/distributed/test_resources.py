@@ -49,7 +49,7 @@ def test_mode_options_name_the_misplaced_key():
     from grpo_utils.distributed.resources import check_mode_options
 
     def cfg(name, **mode):
-        return OmegaConf.create({"mode": {"name": name, **mode}, "rollout": {"engine": "direct"}})
+        return OmegaConf.create({"mode": {"name": name, **mode}, "rollout": {"_target_": "grpo_utils.rollout.group.GroupRollout"}})
 
     with pytest.raises(ValueError, match=r"^mode.max_staleness is not a mode=sync setting; it is a mode=async"):
         check_mode_options(cfg("sync", max_staleness=0))

@@ -68,7 +68,7 @@ def test_resume_continues_exactly(env, tiny_dir, tmp_path, engine):
     same steps 3-4 as the uninterrupted run: step, optimizer, LR, RNG and data position restored."""
     full = tmp_path / "full"
     args = ["train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null", "seed=3",
-            f"rollout.engine={engine}"]
+            f"rollout={engine}"]
     run_recipe(env, *tiny_overrides(tiny_dir, full, *args))
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
