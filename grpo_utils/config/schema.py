@@ -185,7 +185,8 @@ class RayModeConfig:
     actor_timeout_s: float = key(120.0, "longest wait for a batch or an actor; a dead or silent collector "
                                  "stops the run")
     weight_sync: str = key("object_store", "object_store: weights through Ray's object store | collective: "
-                           "torch.distributed broadcast (gloo on CPU, NCCL on GPU)")
+                           "torch.distributed broadcast (gloo on CPU, NCCL on GPU) | the dotted path of your own "
+                           "WeightSync subclass")
     max_restarts: int = key(0, "restart collector actors that die up to this many times in all, each "
                             "continuing its prompt stream (object_store only)")
     ray_address: str | None = key(None, "null: start a local Ray cluster sized to this config | auto or "

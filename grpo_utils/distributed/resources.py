@@ -60,6 +60,16 @@ class ResourcePlan:
         return max(1, self.trainer_cpus)
 
 
+def _weight_sync_class_ok(kind) -> bool:
+    """A dotted path names a user's WeightSync class: import it now (a bad one raises its own line)."""
+    if not isinstance(kind, str) or "." not in kind:
+        return False
+    from grpo_utils.distributed.weight_sync import weight_sync_class
+
+    weight_sync_class(kind)
+    return True
+
+
 def check_mode_options(cfg: DictConfig) -> None:
     """Raise ``ValueError`` (one line naming the key) on a bad or misplaced Ray/async setting."""
     name = cfg.mode.name
@@ -84,7 +94,7 @@ def check_mode_options(cfg: DictConfig) -> None:
          f"mode.weight_update_frequency={mode_opt(cfg, 'weight_update_frequency')} must be >= 1"),
         (mode_opt(cfg, "buffer_size") >= 1, f"mode.buffer_size={mode_opt(cfg, 'buffer_size')} must be >= 1"),
         (mode_opt(cfg, "actor_timeout_s") > 0, f"mode.actor_timeout_s={mode_opt(cfg, 'actor_timeout_s')} must be > 0"),
-        (mode_opt(cfg, "weight_sync") in WEIGHT_SYNCS,
+        (mode_opt(cfg, "weight_sync") in WEIGHT_SYNCS or _weight_sync_class_ok(mode_opt(cfg, "weight_sync")),
          f"mode.weight_sync={mode_opt(cfg, 'weight_sync')!r} is unknown; expected one of {', '.join(WEIGHT_SYNCS)}"),
         (isinstance(mode_opt(cfg, "max_restarts"), int) and mode_opt(cfg, "max_restarts") >= 0,
          f"mode.max_restarts={mode_opt(cfg, 'max_restarts')} must be an integer >= 0"),

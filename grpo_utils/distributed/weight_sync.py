@@ -90,7 +90,25 @@ def make_weight_sync(kind: str, *, num_receivers: int | None = None, device: tor
     if kind == "collective":
         return CollectiveWeightSync(backend=backend, device=device, num_receivers=num_receivers, timeout_s=timeout_s,
                                     bucket_bytes=bucket_bytes)
-    raise ValueError(f"mode.weight_sync={kind!r} is unknown; expected one of {', '.join(WEIGHT_SYNC_KINDS)}")
+    cls = weight_sync_class(kind)
+    return cls(num_receivers=num_receivers, device=device, timeout_s=timeout_s)
+
+
+def weight_sync_class(kind: str) -> type:
+    """A :class:`WeightSync` subclass of the user's, named by its dotted path in ``mode.weight_sync``
+    (constructed with ``num_receivers``, ``device`` and ``timeout_s``); ``ValueError`` otherwise."""
+    if "." in kind:
+        from hydra.utils import get_class
+
+        try:
+            cls = get_class(kind)
+        except Exception as e:
+            raise ValueError(f"mode.weight_sync={kind} cannot be imported ({str(e).splitlines()[0]})") from None
+        if isinstance(cls, type) and issubclass(cls, WeightSync):
+            return cls
+        raise ValueError(f"mode.weight_sync={kind} is not a WeightSync subclass")
+    raise ValueError(f"mode.weight_sync={kind!r} is unknown; expected one of {', '.join(WEIGHT_SYNC_KINDS)}, or the "
+                     "dotted path of a WeightSync subclass")
 
 
 # --------------------------------------------------------------------------- object store

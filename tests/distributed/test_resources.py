@@ -4,6 +4,7 @@ Ray cluster is started here."""
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
 
 def _async_cfg(**mode):
@@ -69,3 +70,31 @@ def test_collectors_never_get_the_trainer_gpu(monkeypatch):
     assert collector_gpu_ids(0, 4) == ["1", "2", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
     assert collector_gpu_ids(1, 3) == ["4", "6"]
+
+
+def test_weight_sync_may_be_a_class_of_the_users():
+    from grpo_utils.distributed.resources import check_mode_options
+    from grpo_utils.distributed.weight_sync import ObjectStoreWeightSync, make_weight_sync
+
+    def cfg(kind):
+        return OmegaConf.create({"mode": {"name": "async", "weight_sync": kind}})
+
+    check_mode_options(cfg("tests.distributed.test_resources.MyWeightSync"))
+    sync = make_weight_sync("tests.distributed.test_resources.MyWeightSync", num_receivers=2, timeout_s=5.0)
+    assert isinstance(sync, MyWeightSync) and isinstance(sync, ObjectStoreWeightSync)
+    assert sync.kwargs == {"num_receivers": 2, "device": None, "timeout_s": 5.0}
+    with pytest.raises(ValueError, match=r"^mode.weight_sync=builtins.dict is not a WeightSync subclass$"):
+        check_mode_options(cfg("builtins.dict"))
+    with pytest.raises(ValueError, match=r"^mode.weight_sync=my_pkg.Sync cannot be imported \("):
+        check_mode_options(cfg("my_pkg.Sync"))
+
+
+from grpo_utils.distributed.weight_sync import ObjectStoreWeightSync  # noqa: E402
+
+
+class MyWeightSync(ObjectStoreWeightSync):
+    """A user's strategy (here the object store again), built with the collective's keyword arguments."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs

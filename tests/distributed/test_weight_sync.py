@@ -169,7 +169,7 @@ def test_push_reaches_every_actor(actors, kind):
 
 
 def test_unknown_kind_is_one_line_error():
-    with pytest.raises(ValueError, match=r"^mode\.weight_sync='nccl_p2p' is unknown; expected one of object_store, collective$") as info:
+    with pytest.raises(ValueError, match=r"^mode\.weight_sync='nccl_p2p' is unknown; expected one of object_store, collective, or the dotted path of a WeightSync subclass$") as info:
         make_weight_sync("nccl_p2p")
     assert "\n" not in str(info.value)
 
