@@ -1,5 +1,6 @@
 """The per-step shortcuts give exactly what the straightforward code gave: the generation fast
-path (same tokens, same random draws), the prompt gather and the prefix decode."""
+path, the prompt gather, the prefix decode and the reused replay buffer (same mini-batches, same
+random draws as a fresh buffer per batch)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from tensordict import TensorDict
 
+from grpo_utils.algo.losses import ClippedSurrogateLoss
 from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.data.prompts import PromptRenderer, PromptStream
 from grpo_utils.models.tiny import build_model, build_tokenizer
 from grpo_utils.rewards import RewardFunction
 from grpo_utils.rollout.group import GroupRollout, generate_tokens, generation_kwargs, left_pad, make_generator
+from grpo_utils.train.trainer import PolicyTrainer
 
 tensordict.set_list_to_stack(True).set()
 GEN = OmegaConf.create(dict(max_new_tokens=6, min_new_tokens=0, temperature=0.8, top_p=1.0, top_k=0))
@@ -66,3 +69,68 @@ def test_rollout_prompts_and_completions_as_padding_and_decoding_every_row(model
                              skip_special_tokens=True)
     expected = [rollout.reward_fn([t], [row])[0][0]["reward"] for t, row in zip(texts, grouped)]
     assert part["reward"].tolist() == expected
+
+
+def make_batch(n: int, prompt_width: int, g: torch.Generator, extra: bool = False) -> TensorDict:
+    ids = torch.randint(1, 250, (n, prompt_width + 4), generator=g)
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": torch.ones(n, 4, dtype=torch.bool),
+            "advantage": torch.randn(n, generator=g)}
+    if extra:
+        data["old_log_probs"] = -torch.rand(n, 4, generator=g)
+    return TensorDict(data, batch_size=[n])
+
+
+def fresh_buffer_minibatches(batch: TensorDict, size: int, epochs: int) -> list[TensorDict]:
+    """What train_on_batch sampled before the buffer was reused: a new buffer per batch."""
+    from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
+
+    buffer = ReplayBuffer(storage=LazyTensorStorage(len(batch)), sampler=SamplerWithoutReplacement(), batch_size=size)
+    buffer.extend(batch)
+    return [buffer.sample() for _ in range(epochs * len(batch) // size)]
+
+
+def test_reused_replay_buffer_draws_what_a_fresh_one_draws(tok, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    # same layout twice (reused), a wider prompt (rebuilt), an extra key (rebuilt), then reused again
+    batches = [make_batch(8, 5, g), make_batch(8, 5, g), make_batch(8, 7, g), make_batch(8, 7, g, extra=True),
+               make_batch(8, 7, g, extra=True)]
+    cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.99], "adam_eps": 1e-8,
+                            "max_grad_norm": 1.0, "warmup_steps": 0, "max_steps": 10, "min_lr_ratio": 0.0,
+                            "grad_accum_steps": 1, "optim_batch_size": 2, "epochs": 2})
+    trainer = PolicyTrainer(build_model(tok, hidden_size=16, num_layers=1), ClippedSurrogateLoss(), cfg, 1.0)
+    seen: list[TensorDict] = []
+
+    def record(minibatch):
+        seen.append(minibatch.clone())
+        return {"time/train_s": 0.0}
+
+    monkeypatch.setattr(trainer, "optimizer_step", record)
+    torch.manual_seed(0)
+    buffers = []
+    for batch in batches:
+        assert len(list(trainer.train_on_batch(batch, 1.0))) == 8
+        buffers.append(trainer._buffer)
+    after = torch.rand(1)
+    assert buffers[0] is buffers[1] and buffers[1] is not buffers[2] and buffers[3] is buffers[4]
+
+    torch.manual_seed(0)
+    expected = [mb for batch in batches for mb in fresh_buffer_minibatches(batch, 2, 2)]
+    assert torch.equal(torch.rand(1), after)  # the same global random draws, in the same order
+    assert len(seen) == len(expected)
+    for got, ref in zip(seen, expected):
+        assert set(got.keys()) == set(ref.keys())
+        assert all(torch.equal(got[k], ref[k]) for k in ref.keys())
+
+
+def test_a_new_batch_ends_the_previous_iteration(tok, monkeypatch):
+    cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.99], "adam_eps": 1e-8,
+                            "max_grad_norm": 1.0, "warmup_steps": 0, "max_steps": 10, "min_lr_ratio": 0.0,
+                            "grad_accum_steps": 1, "optim_batch_size": 2, "epochs": 1})
+    trainer = PolicyTrainer(build_model(tok, hidden_size=16, num_layers=1), ClippedSurrogateLoss(), cfg, 1.0)
+    monkeypatch.setattr(trainer, "optimizer_step", lambda mb: {"time/train_s": 0.0})
+    g = torch.Generator().manual_seed(0)
+    first = trainer.train_on_batch(make_batch(4, 3, g), 1.0)
+    next(first)
+    assert len(list(trainer.train_on_batch(make_batch(4, 3, g), 1.0))) == 2
+    with pytest.raises(RuntimeError, match="called again"):
+        next(first)
