@@ -1,8 +1,12 @@
 """The per-step shortcuts give exactly what the straightforward code gave: the generation fast
 path, the prompt gather, the prefix decode and the reused replay buffer (same mini-batches, same
-random draws as a fresh buffer per batch)."""
+random draws as a fresh buffer per batch); and the host-memory thresholds are set once."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import tensordict
@@ -134,3 +138,16 @@ def test_a_new_batch_ends_the_previous_iteration(tok, monkeypatch):
     assert len(list(trainer.train_on_batch(make_batch(4, 3, g), 1.0))) == 2
     with pytest.raises(RuntimeError, match="called again"):
         next(first)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc thresholds")
+@pytest.mark.parametrize("user_env, expected", [({}, "True True"), ({"MALLOC_TRIM_THRESHOLD_": "131072"}, "False False")])
+def test_host_memory_thresholds_set_once_unless_the_user_set_them(user_env, expected):
+    """In a fresh process (mallopt settings are process-wide); a user's MALLOC_* variables win."""
+    code = "from grpo_utils.train.trainer import keep_freed_host_memory as k; print(k(), k())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | user_env
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    libc = subprocess.run(["ldd", "--version"], capture_output=True, text=True).stdout.lower()
+    if "glibc" not in libc and "gnu libc" not in libc:
+        pytest.skip("not glibc")
+    assert out.strip().splitlines()[-1] == expected

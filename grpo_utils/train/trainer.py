@@ -8,7 +8,10 @@ equals the gradient of the mini-batch in one piece.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +21,37 @@ from tensordict import TensorDict
 
 from grpo_utils.algo.logprobs import response_log_probs
 from grpo_utils.algo.losses import BatchNormalizer
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+_host_memory_kept = False
+
+
+def keep_freed_host_memory() -> bool:
+    """Stop glibc from handing freed heap memory back to the OS after every CPU training step.
+
+    A forward pass with grad allocates its saved activations together and the backward frees them
+    together. When they end up at the top of the heap, glibc returns that memory to the OS (its
+    trim threshold is a few MiB) and the next forward page-faults it back in: on a 4M-parameter
+    model about 30k page faults and 50 ms of system time per step (7% of the step), depending only
+    on where earlier allocations happened to land. Fixing the thresholds (heap up to glibc's dynamic
+    maximum of 32 MiB per allocation, trim only beyond 1 GiB free) keeps that memory in the
+    process for the next step. Allocation only: no computation changes. Done once per process;
+    not on other C libraries, nor when ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_``
+    are set (the user's choice wins). Returns whether the thresholds are set.
+    """
+    global _host_memory_kept
+    if _host_memory_kept:
+        return True
+    if not sys.platform.startswith("linux") or {"MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"} & set(os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl's mallopt does nothing)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    _host_memory_kept = bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return _host_memory_kept
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
@@ -57,6 +91,8 @@ class PolicyTrainer:
                                         tuple(train_cfg.betas), train_cfg.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio))
+        if any(p.device.type == "cpu" for p in model.parameters()):
+            keep_freed_host_memory()
         self._buffer = None  # train_on_batch's replay buffer, kept while batches share a layout
         self._buffer_layout: tuple | None = None
         self._buffer_user = 0  # which train_on_batch call the buffer's contents belong to
