@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.rewards import numeric_answer_reward
+from grpo_utils.train.trainer import keep_freed_host_memory
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_host_memory()  # as the recipe's trainer does: heap trimming is not part of the work
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)

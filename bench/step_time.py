@@ -6,7 +6,7 @@
 Both sides run the same model, prompts, group size, fixed completion length and thread count, in
 alternating rounds (recipe, bare, recipe, bare, ...) so machine noise hits both. Recipe step
 times come from the wall-clock stamps in its metrics.jsonl; the first ``--warmup`` steps of each
-round are dropped. Target: ratio <= 1.15.
+round are dropped. Target: ratio <= 1.10.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verbose", action="store_true", help="also print each round's medians")
     a = ap.parse_args()
     transformers.utils.logging.disable_progress_bar()
     print(f"{a.prompts} prompts x {a.group} completions x {a.tokens} tokens, {a.threads} threads, "
@@ -69,8 +70,11 @@ def main() -> None:
             params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(model_dir).parameters())
             recipe, bare = [], []
             for r in range(a.rounds):
-                recipe += recipe_steps(model_dir, Path(tmp) / f"run_{name}_{r}", a)
-                bare += bare_steps(model_dir, a)
+                recipe += (rs := recipe_steps(model_dir, Path(tmp) / f"run_{name}_{r}", a))
+                bare += (bs := bare_steps(model_dir, a))
+                if a.verbose:
+                    print(f"  round {r}: grpo-sync {statistics.median(rs) * 1000:7.1f} ms/step | "
+                          f"bare loop {statistics.median(bs) * 1000:7.1f} ms/step", flush=True)
             rm, bm = statistics.median(recipe), statistics.median(bare)
             print(f"{name:>5} ({params / 1e6:.2f}M params): grpo-sync {rm * 1000:7.1f} ms/step | "
                   f"bare loop {bm * 1000:7.1f} ms/step | ratio {rm / bm:.2f}")

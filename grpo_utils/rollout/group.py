@@ -53,6 +53,23 @@ def make_generator(model, tokenizer, gen_kwargs: dict[str, Any], return_log_prob
     )
 
 
+def generate_tokens(generator, prompt: torch.Tensor, prompt_mask: torch.Tensor) -> TensorDict:
+    """``generator`` (a token-mode ``TransformersWrapper`` from :func:`make_generator`) on a dense,
+    left-padded prompt batch: a ``TensorDict`` with ``("tokens", "response")`` (and
+    ``("log_probs", "response")`` when the wrapper returns log-probs), as ``generator(td)`` gives.
+
+    The wrapper's ``forward`` first splits the batch into one lazily stacked TensorDict per row and
+    builds its outputs (text, tokens, masks tensorclasses) row by row: about 5 ms for 32 rows, a
+    tenth of a tiny model's step. Its token path, given the padded tensors and a dense output, makes
+    the same ``generate`` call with the same kwargs and fills the same outputs (same tokens, same
+    random draws) for about 1 ms. Falls back to ``forward`` if a TorchRL release drops that path.
+    """
+    if not hasattr(generator, "_generate_from_tokens"):
+        td = TensorDict({"tokens": {"prompt": prompt}, "attention_mask": prompt_mask}, batch_size=[len(prompt)])
+        return generator(td)
+    return generator._generate_from_tokens(prompt, prompt_mask, None, TensorDict(batch_size=[len(prompt)]))
+
+
 def stop_token_ids(tokenizer, model) -> list[int]:
     """Every id ``generate`` stops on: the tokenizer's EOS and the generation config's (Qwen lists several)."""
     ids = {tokenizer.eos_token_id}
@@ -115,17 +132,22 @@ class GroupRollout:
 
     def encode_prompts(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and mask; each distinct prompt is rendered and tokenized once."""
-        # Repeats of a prompt are the same row object: render and tokenize each one once.
-        by_row: dict[int, torch.Tensor] = {}
+        # Repeats of a prompt are the same row object: render and tokenize each one once, pad the
+        # distinct prompts, then gather their rows (the same tensors as padding every row).
+        slot: dict[int, int] = {}
+        distinct: list[torch.Tensor] = []
         for row in rows:
-            if id(row) not in by_row:
+            if id(row) not in slot:
                 text = self.renderer(row)
                 cached = self._prompt_cache.get(text)
                 if cached is None:
                     cached = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
                     self._prompt_cache[text] = cached
-                by_row[id(row)] = cached
-        return left_pad([by_row[id(row)] for row in rows], self.pad_token_id)
+                slot[id(row)] = len(distinct)
+                distinct.append(cached)
+        ids, mask = left_pad(distinct, self.pad_token_id)
+        index = torch.tensor([slot[id(row)] for row in rows])
+        return ids[index], mask[index]
 
     def data_state(self) -> dict[str, int]:
         """Position of the next prompts this rollout will train on (saved in checkpoints)."""
@@ -147,9 +169,7 @@ class GroupRollout:
     def generate(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Prompt ids, prompt mask and response ids for ``rows`` (one completion per row)."""
         prompt, prompt_mask = self.encode_prompts(rows)
-        td = TensorDict({"tokens": {"prompt": prompt}, "attention_mask": prompt_mask},
-                        batch_size=[len(rows)])
-        out = self.generator(td)
+        out = generate_tokens(self.generator, prompt, prompt_mask)
         if self.keep_rollout_log_probs:
             self.last_rollout_log_probs = out["log_probs", "response"]
         return prompt, prompt_mask, out["tokens", "response"]
@@ -163,8 +183,9 @@ class GroupRollout:
         """One generation round: rows, tensors and task rewards of ``num_prompts`` groups."""
         rows, prompt, prompt_mask, response = self.sample_groups()
         resp_mask = response_mask(response, self.stop_ids)
+        # The mask is a prefix (up to and including the first stop token): decode that many ids.
         completions = self.tokenizer.batch_decode(
-            [r[m] for r, m in zip(response, resp_mask)], skip_special_tokens=True)
+            [ids[:n] for ids, n in zip(response.tolist(), resp_mask.sum(-1).tolist())], skip_special_tokens=True)
         prompts = [self.renderer(row) for row in rows] if self.reward_fn.uses_prompt else None
         scores, failures = self.reward_fn(completions, rows, prompts)
         part = {"rows": rows, "prompt": prompt, "prompt_mask": prompt_mask, "response": response,

@@ -40,8 +40,13 @@ _EVAL_PREFIX = "eval/"
 # --------------------------------------------------------------------------------------------
 
 
+_PLAIN = (float, int, bool, str, type(None))
+
+
 def _to_jsonable(value: Any) -> Any:
     """Tensors / numpy scalars -> python floats; arrays -> lists; other values unchanged."""
+    if type(value) in _PLAIN:  # most training metrics: returned as the checks below would
+        return value
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     # torch tensors (checked by duck typing so torch is not needed here)
@@ -225,9 +230,9 @@ class MetricsLogger:
             for key, label in (("reward/mean", "reward"), ("loss", "loss")):
                 if key in record and record[key] is not None:
                     self._postfix[label] = _short(record[key])
-            self._bar.n = record["step"]
             self._bar.set_postfix(self._postfix, refresh=False)
-            self._bar.refresh()
+            # update() redraws at most every mininterval (0.1 s), not at every step; close() draws the end.
+            self._bar.update(record["step"] - self._bar.n)
 
     def log_eval(self, metrics: dict, step: int) -> None:
         """Write one eval line; keys without the ``eval/`` prefix get it added."""
