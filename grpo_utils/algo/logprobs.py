@@ -51,13 +51,9 @@ def response_log_probs(
 
 
 @torch.no_grad()
-def add_behaviour_log_probs(model, batch, temperature: float, micro_batch_size: int) -> None:
-    """Set ``batch["old_log_probs"]``: the exact log-probs of the sampled response tokens under
-    ``model`` (the weights that sampled), in eval mode, ``micro_batch_size`` sequences at a time.
-
-    TorchRL's ``TransformersWrapper`` reports 0 for the first sampled token's log-prob, so the
-    sampler's own ``rollout_log_probs`` (kept for the mismatch correction) get the exact value there.
-    """
+def batch_log_probs(model, batch, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    """Log-probs ``[B, T]`` of a batch's response tokens under ``model``, without gradients, in
+    eval mode, ``micro_batch_size`` sequences at a time (the model's mode is restored)."""
     was_training = model.training
     model.eval()
     out = []
@@ -65,6 +61,16 @@ def add_behaviour_log_probs(model, batch, temperature: float, micro_batch_size: 
         start = mb["input_ids"].shape[1] - mb["response_mask"].shape[1]
         out.append(response_log_probs(model, mb["input_ids"], mb["attention_mask"], start, temperature)[0])
     model.train(was_training)
-    batch["old_log_probs"] = torch.cat(out)
+    return torch.cat(out)
+
+
+def add_behaviour_log_probs(model, batch, temperature: float, micro_batch_size: int) -> None:
+    """Set ``batch["old_log_probs"]``: the exact log-probs of the sampled response tokens under
+    ``model`` (the weights that sampled). The trainer and the Ray collectors both call this.
+
+    TorchRL's ``TransformersWrapper`` reports 0 for the first sampled token's log-prob, so the
+    sampler's own ``rollout_log_probs`` (kept for the mismatch correction) get the exact value there.
+    """
+    batch["old_log_probs"] = batch_log_probs(model, batch, temperature, micro_batch_size)
     if "rollout_log_probs" in batch.keys():
         batch["rollout_log_probs"][:, 0] = batch["old_log_probs"][:, 0]

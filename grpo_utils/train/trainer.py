@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
-from grpo_utils.algo.logprobs import response_log_probs
+from grpo_utils.algo.logprobs import add_behaviour_log_probs, batch_log_probs, response_log_probs
 from grpo_utils.algo.losses import BatchNormalizer
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
@@ -105,24 +105,10 @@ class PolicyTrainer:
     @torch.no_grad()
     def annotate(self, batch: TensorDict, need_behaviour: bool, micro_batch_size: int) -> None:
         """Adds behaviour (and reference) log-probs computed with the current weights."""
-        if not need_behaviour and self.ref_model is None:
-            return
-        was_training = self.model.training
-        self.model.eval()
-        old, ref = [], []
-        for mb in batch.split(micro_batch_size):
-            if need_behaviour:
-                old.append(self._log_probs(self.model, mb, False)[0])
-            if self.ref_model is not None:
-                ref.append(self._log_probs(self.ref_model, mb, False)[0])
         if need_behaviour:
-            batch["old_log_probs"] = torch.cat(old)
-            if "rollout_log_probs" in batch.keys():
-                # TorchRL's wrapper reports 0 for the first sampled token: use the exact value there.
-                batch["rollout_log_probs"][:, 0] = batch["old_log_probs"][:, 0]
+            add_behaviour_log_probs(self.model, batch, self.temperature, micro_batch_size)
         if self.ref_model is not None:
-            batch["ref_log_probs"] = torch.cat(ref)
-        self.model.train(was_training)
+            batch["ref_log_probs"] = batch_log_probs(self.ref_model, batch, self.temperature, micro_batch_size)
 
     def optimizer_step(self, minibatch: TensorDict) -> dict[str, float]:
         """Forward/backward over micro-batches, clip, step. Returns averaged metrics."""
