@@ -151,7 +151,7 @@ class PolicyTrainer:
         from the same global generator, at the same points."""
         from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
 
-        layout = tuple((key, value.shape, value.dtype) for key, value in batch.items(True, True))
+        layout = tuple((key, value.shape, getattr(value, "dtype", None)) for key, value in batch.items(True, True))
         if self._buffer is None or layout != self._buffer_layout:
             self._buffer = ReplayBuffer(storage=LazyTensorStorage(len(batch)), sampler=SamplerWithoutReplacement(),
                                         batch_size=self.optim_batch_size)
