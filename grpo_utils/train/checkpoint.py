@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -53,9 +54,11 @@ _OLD_PREFIX = ".old_step_"
 
 def capture_rng_state() -> dict:
     """Snapshot of the python ``random``, numpy global, torch CPU and (if available) CUDA RNGs."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # Plain ints, not an ndarray: trainer_state.pt then loads with torch.load(weights_only=True).
+        "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -75,7 +78,8 @@ def restore_rng_state(state: dict) -> None:
     if "python" in state:
         random.setstate(_as_python_random_state(state["python"]))
     if "numpy" in state:
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "torch" in state:
         torch.set_rng_state(_as_cpu_byte_tensor(state["torch"]))
     cuda_states = state.get("cuda")
@@ -284,15 +288,27 @@ def resolve_resume(resume: bool | str | os.PathLike | None, run_dir: str | Path)
 
 
 def load_trainer_state(ckpt_dir: str | Path) -> dict:
-    """Load ``trainer_state.pt`` (full unpickling: only load checkpoints you trust).
+    """Load ``trainer_state.pt`` as plain data only (``weights_only=True``): a checkpoint someone
+    hands you cannot run code on load. Raises :class:`~grpo_utils.errors.CheckpointError` for a
+    file that holds anything else.
 
     Tensors are mapped to CPU; ``optimizer.load_state_dict`` moves them to the parameters'
     devices. The RNG state under ``"rng"`` is returned, not restored.
     """
+    from grpo_utils.errors import CheckpointError
+
     path = Path(ckpt_dir) / TRAINER_STATE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {TRAINER_STATE_NAME} in checkpoint dir {Path(ckpt_dir)}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # Checkpoints written before the numpy RNG state was stored as ints hold one uint32 ndarray;
+    # allowing numpy's array reconstruction (data, not code) keeps them loadable.
+    numpy_array = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(numpy_array):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: not plain checkpoint data, refused (loading it would run code: "
+                              f"{str(e).strip().splitlines()[0][:200]})") from None
 
 
 def _read_safetensors_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:

@@ -194,12 +194,12 @@ def test_async_resume_continues_steps_versions_and_prompt_streams(env, tiny_dir,
     run_dir = tmp_path / "resume"
     common = ("eval.before_after=false", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null")
     run_async(env, *tiny_overrides(tiny_dir, run_dir, *common, "train.max_steps=4"))
-    first = torch.load(run_dir / "checkpoints" / "step_4" / "trainer_state.pt", weights_only=False)
+    first = torch.load(run_dir / "checkpoints" / "step_4" / "trainer_state.pt", weights_only=True)
     run_async(env, *tiny_overrides(tiny_dir, run_dir, *common, "train.max_steps=8", "resume=true"))
     train = train_lines(run_dir)
     assert [r["step"] for r in train] == list(range(1, 9))
     assert all(r["policy_version"] >= first["policy_version"] for r in train[4:])
-    last = torch.load(run_dir / "checkpoints" / "step_8" / "trainer_state.pt", weights_only=False)
+    last = torch.load(run_dir / "checkpoints" / "step_8" / "trainer_state.pt", weights_only=True)
     assert last["policy_version"] > first["policy_version"]
     # The collector's prompt stream went on from where the trainer had consumed it.
     pos = lambda s: (s["collectors"][0]["prompts"]["epoch"], s["collectors"][0]["prompts"]["position"])  # noqa: E731
@@ -243,7 +243,7 @@ def test_interrupted_run_checkpoints_the_step_reached_and_leaves_no_ray_process(
     reached = int(last.rsplit(" ", 1)[1])
     # The signal may land between an optimizer step and its metrics line: that step is saved too.
     assert reached in (logged, logged + 1) and reached < 500, (reached, logged)
-    state = torch.load(run_dir / "checkpoints" / f"step_{reached}" / "trainer_state.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / f"step_{reached}" / "trainer_state.pt", weights_only=True)
     assert state["step"] == reached
 
 
@@ -312,7 +312,7 @@ def test_local_sync_checkpoint_resumes_on_ray_at_the_same_prompt_position(env, t
     run_async(env, *local, "train.max_steps=2", recipe=SYNC_RECIPE)
     run_async(env, *sync_ray_overrides(tiny_dir, run_dir, *common, "train.max_steps=4", "resume=true"),
               recipe=SYNC_RECIPE)
-    load = lambda n: torch.load(run_dir / "checkpoints" / f"step_{n}" / "trainer_state.pt", weights_only=False)  # noqa: E731
+    load = lambda n: torch.load(run_dir / "checkpoints" / f"step_{n}" / "trainer_state.pt", weights_only=True)  # noqa: E731
     before, after = load(2)["prompts"], load(4)["prompts"]["collector"]["prompts"]
     # One more batch of env.num_prompts=2 prompts, drawn from the same permutation.
     assert (after["epoch"], after["position"]) == (before["epoch"], before["position"] + 2)

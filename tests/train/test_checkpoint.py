@@ -257,3 +257,38 @@ def test_resolve_resume(tmp_path):
     (run / "checkpoints" / "step_8").mkdir()  # exists but incomplete
     with pytest.raises(FileNotFoundError, match="step_8"):
         resolve_resume(str(run / "checkpoints" / "step_8"), run)
+
+
+class _RunsCode:
+    """What a hostile trainer_state.pt could hold: an object whose unpickling runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_trainer_state_loads_as_plain_data_only(tmp_path):
+    from grpo_utils.errors import CheckpointError
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil"
+    ckpt.mkdir()
+    torch.save({"step": 1, "trainer": _RunsCode(marker)}, ckpt / "trainer_state.pt")
+    with pytest.raises(CheckpointError, match=r"not plain checkpoint data, refused \(loading it would run code"):
+        load_trainer_state(ckpt)
+    assert not marker.exists()
+
+
+def test_checkpoint_with_a_numpy_rng_array_still_loads(tmp_path):
+    """Checkpoints written before the numpy RNG state was stored as ints hold an ndarray."""
+    np.random.seed(3)
+    old = dict(capture_rng_state(), numpy=np.random.get_state())  # the earlier format
+    expected = np.random.rand(3)
+    ckpt = tmp_path / "old"
+    ckpt.mkdir()
+    torch.save({"step": 2, "rng": old}, ckpt / "trainer_state.pt")
+    np.random.seed(99)
+    restore_rng_state(load_trainer_state(ckpt)["rng"])
+    assert np.array_equal(np.random.rand(3), expected)
