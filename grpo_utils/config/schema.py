@@ -275,9 +275,6 @@ class EvalRunConfig:
     eval: EvalSettingsConfig = section(EvalSettingsConfig, "what to measure and where to write it")
 
 
-MODE_SCHEMAS: dict[str, type] = {"sync": SyncModeConfig, "async": AsyncModeConfig}
-
-
 def register_schema() -> None:
     """Store the schema in Hydra's ConfigStore: ``grpo_schema`` (the base of every training
     config), ``mode/{sync,async}_schema``, ``logger/logger_schema``."""
@@ -321,10 +318,6 @@ def defaults_of(cls: type, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
     """``{key: default}`` of a schema dataclass."""
     return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
             for f in dataclasses.fields(cls) if f.name not in exclude}
-
-
-def section_fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def describe(cls: type = GRPOConfig, prefix: str = "") -> list[str]:

@@ -127,8 +127,8 @@ def check_placement(cfg: DictConfig, mode: str, needs_reference: bool) -> None:
     if cfg.ref_model.num_devices:
         _require(needs_reference, f"ref_model.num_devices={cfg.ref_model.num_devices} but no reference model is "
                                   "loaded (loss.kl_coef=0)")
-        _require(False, f"ref_model.num_devices={cfg.ref_model.num_devices}: a reference on devices of its own "
-                        "is not available yet; use ref_model.num_devices=0 (on the trainer's device)")
+        raise ConfigError(f"ref_model.num_devices={cfg.ref_model.num_devices}: a reference on devices of its own "
+                          "is not available yet; use ref_model.num_devices=0 (on the trainer's device)")
     _require(not cfg.inference_model.num_devices or mode == "async" or cfg.mode.ray,
              f"inference_model.num_devices={cfg.inference_model.num_devices} needs mode.ray=true or grpo-async.py: "
              "locally the generator is the training module, on its device")

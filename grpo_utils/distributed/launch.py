@@ -1,12 +1,12 @@
 """Starting the collector actors: a Ray cluster sized to the plan (or a joined one), the weight
-sync, and the pool; and the two batch sources built on the pool (sync on Ray, async)."""
+sync, and the pool the batch sources (``train/sources.py``) draw from."""
 
 from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_utils.errors import CollectorFailed, ConfigError
+from grpo_utils.errors import ConfigError
 
 
 def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, model: torch.nn.Module | None = None,
@@ -45,5 +45,3 @@ def start_collectors(cfg: DictConfig, device: torch.device, streaming: bool, mod
         shutdown_ray([])
         raise
 
-
-__all__ = ["CollectorFailed", "start_collectors"]

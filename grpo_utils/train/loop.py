@@ -83,10 +83,11 @@ class GRPOLoop:
         self.micro_batch_size = cfg.train.optim_batch_size // cfg.train.grad_accum_steps
         self.push_every = sources.push_every(cfg, self.mode)
         self.advantages = build.advantage_stage(cfg, self.loss_fn)
-        self.t_start = time.perf_counter()
 
     def train(self) -> None:
         cfg, state = self.cfg, self.state
+        # Plain ints: OmegaConf lookups on every step cost more than the loop's own work.
+        max_steps, eval_every, ckpt_every = cfg.train.max_steps, cfg.eval.every_n_steps, cfg.checkpoint.every_n_steps
         self.t_start = time.perf_counter()
         try:
             if cfg.eval.before_after and state.heldout_accuracy_before is None:
@@ -94,25 +95,25 @@ class GRPOLoop:
                 state.heldout_accuracy_before = first["eval/accuracy"]
                 self.logger.log_eval(first, step=0)
             since_push = 0
-            while state.step < cfg.train.max_steps:
+            while state.step < max_steps:
                 batch, stats = self.source.collect()
                 stats |= self.prepare(batch)
-                checkpoints_before = self._checkpoints_due()
+                checkpoints_before = state.step // ckpt_every if ckpt_every else 0
                 for metrics in self.trainer.train_on_batch(batch, stats["time/generate_s"]):
                     state.step += 1
                     since_push += 1
                     self.logger.log({**stats, **metrics, "policy_version": state.policy_version}, step=state.step)
-                    if cfg.eval.every_n_steps and state.step % cfg.eval.every_n_steps == 0:
+                    if eval_every and state.step % eval_every == 0:
                         self.logger.log_eval(self.evaluate(), step=state.step)
-                    if state.step >= cfg.train.max_steps:
+                    if state.step >= max_steps:
                         break
                 # At a batch boundary, so every update on one batch sees one sample age.
                 if since_push >= self.push_every:
                     state.policy_version += 1
                     since_push = 0
-                    if state.step < cfg.train.max_steps:
+                    if state.step < max_steps:
                         self.source.sync_weights(self.model, state.policy_version)
-                if self._checkpoints_due() > checkpoints_before:
+                if ckpt_every and state.step // ckpt_every > checkpoints_before:
                     self.save_checkpoint()  # at a batch boundary: resuming replays nothing, skips nothing
         except BaseException as error:
             self._close_source()
@@ -128,10 +129,6 @@ class GRPOLoop:
         self.trainer.annotate(batch, need_behaviour=self.need_behaviour and "old_log_probs" not in batch.keys(),
                               micro_batch_size=self.micro_batch_size)
         return {} if "advantage" in batch.keys() else self.advantages(batch)
-
-    def _checkpoints_due(self) -> int:
-        every = self.cfg.checkpoint.every_n_steps
-        return self.state.step // every if every else 0
 
     def save_checkpoint(self) -> int:
         """Write ``checkpoints/step_<step>/`` unless that step is saved already; returns the newest
