@@ -49,11 +49,22 @@ class WeightSyncError(GRPOError, RuntimeError):
     """Weights could not be delivered to an inference worker."""
 
 
-class Terminated(GRPOError):
-    """The process got SIGTERM (e.g. from a scheduler); raised so the run unwinds and checkpoints."""
+class Terminated(BaseException):
+    """The process got SIGTERM (e.g. from a scheduler); raised so the run unwinds and checkpoints.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: the signal can land inside library code that
+    catches ``Exception`` (Ray wraps an ``Exception`` raised while it deserializes a result into a
+    ``RaySystemError``), and it must reach the loop and the entry point as itself."""
+
+    checkpoint_step: int | None = None
 
     def __str__(self) -> str:
         return "terminated (SIGTERM)"
+
+    def one_line(self) -> str:
+        return GRPOError.one_line(self)  # same format: "error: terminated (SIGTERM); last checkpoint: step N"
+
+    kind = GRPOError.kind
 
 
 def raise_on_sigterm() -> None:

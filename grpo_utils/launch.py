@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpo_utils.config  # noqa: F401  (registers the config schema with Hydra before it composes)
-from grpo_utils.errors import GRPOError
+from grpo_utils.errors import GRPOError, Terminated
 
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for a Ctrl-C
 
@@ -21,7 +21,7 @@ def exit_on_error() -> Iterator[None]:
     with its traceback: it is a bug, not a user error."""
     try:
         yield
-    except GRPOError as e:
+    except (GRPOError, Terminated) as e:
         sys.exit(e.one_line())
     except KeyboardInterrupt as e:
         step = getattr(e, "checkpoint_step", None)

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from grpo_utils import build
-from grpo_utils.errors import GRPOError
+from grpo_utils.errors import GRPOError, Terminated
 from grpo_utils.train import checkpoint as ckpt
 from grpo_utils.train import sources
 from grpo_utils.train.run import prepare_process
@@ -119,7 +119,7 @@ class GRPOLoop:
             self._close_source()
             saved = self.save_checkpoint()
             self.logger.close()
-            if isinstance(error, GRPOError | KeyboardInterrupt):
+            if isinstance(error, GRPOError | KeyboardInterrupt | Terminated):
                 error.checkpoint_step = saved if saved > 0 else None
             raise
 

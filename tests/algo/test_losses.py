@@ -830,18 +830,22 @@ def test_cispo_keeps_gradient_of_clipped_tokens() -> None:
 # ----------------------------------------------------------------------------- equivalences
 
 
+def on_policy_grad(loss_fn, adv) -> torch.Tensor:
+    """Gradient w.r.t. the log-probs when they equal the behaviour ones (ratio exactly 1)."""
+    batch = make_batch(adv=adv)
+    log_probs = batch["old_log_probs"].clone().requires_grad_()
+    loss_fn(log_probs, batch["old_log_probs"], batch["advantages"], batch["mask"],
+            normalizer=BatchNormalizer.from_mask(batch["mask"])).loss.backward()
+    return log_probs.grad
+
+
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_on_policy_grpo_equals_reinforce_with_baseline(aggregation: str) -> None:
     """Ratio 1: the clipped surrogate's gradient is the plain policy gradient."""
     adv = advantages("grpo", "group_std")
-    grads = []
-    for loss_fn in (build("grpo", aggregation=aggregation, constant_normalizer=T),
-                    build("reinforce_baseline", aggregation=aggregation, constant_normalizer=T)):
-        batch = make_batch(adv=adv)
-        log_probs = batch["old_log_probs"].clone().requires_grad_()
-        loss_fn(log_probs, batch["old_log_probs"], batch["advantages"], batch["mask"],
-                normalizer=BatchNormalizer.from_mask(batch["mask"])).loss.backward()
-        grads.append(log_probs.grad)
+    grads = [on_policy_grad(loss_fn, adv) for loss_fn in (
+        build("grpo", aggregation=aggregation, constant_normalizer=T),
+        build("reinforce_baseline", aggregation=aggregation, constant_normalizer=T))]
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-14)
 
@@ -859,13 +863,7 @@ def test_cispo_without_active_clip_is_the_policy_gradient(aggregation: str) -> N
         grads.append(batch["log_probs"].grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-14)
     # On-policy: exactly the plain policy gradient -A.
-    grads = []
-    for loss_fn in (build("cispo", **kwargs), PolicyGradientLoss(**kwargs)):
-        batch = make_batch(adv=adv)
-        log_probs = batch["old_log_probs"].clone().requires_grad_()
-        loss_fn(log_probs, batch["old_log_probs"], batch["advantages"], batch["mask"],
-                normalizer=BatchNormalizer.from_mask(batch["mask"])).loss.backward()
-        grads.append(log_probs.grad)
+    grads = [on_policy_grad(loss_fn, adv) for loss_fn in (build("cispo", **kwargs), PolicyGradientLoss(**kwargs))]
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-14)
 
