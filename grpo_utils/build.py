@@ -131,15 +131,40 @@ def advantage_stage(cfg: DictConfig, loss_fn):
         raise ConfigError(str(e)) from None
 
 
-def rollout(cfg: DictConfig, model, tokenizer, render, reward_fn, stream, loss_fn):
-    """The engine ``rollout._target_`` names (``rollout=direct``: one batched TransformersWrapper
-    call; ``collector``: TorchRL's LLMCollector over a DatasetChatEnv; both yield the same
-    batches). The Ray actors build theirs here too."""
+def generator(cfg: DictConfig, model, tokenizer, return_log_probs: bool, seed: int, colocated: bool):
+    """The inference engine of ``inference_model.backend``: ``transformers`` generates with ``model``
+    itself; ``vllm`` starts an in-process engine from ``model.name``'s directory on ``model``'s
+    device (``colocated``: sharing the trainer's), seeded with ``seed``."""
+    from grpo_utils.inference.transformers import TransformersGenerator, generation_kwargs
+    from grpo_utils.rollout.group import stop_token_ids
+
+    if cfg.inference_model.backend != "vllm":
+        return TransformersGenerator(model, tokenizer, generation_kwargs(cfg.generation), return_log_probs)
+    from grpo_utils.inference.vllm_engine import VLLMGenerator, VLLMSettings
+    from grpo_utils.models.loading import resolve_model_path
+
+    device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    return VLLMGenerator(resolve_model_path(cfg.model.name), VLLMSettings.from_config(cfg, device, colocated),
+                         cfg.generation, stops, pad_id, seed, device)
+
+
+def rollout(cfg: DictConfig, model, tokenizer, render, reward_fn, stream, loss_fn, seed: int | None = None,
+            colocated: bool = True):
+    """The engine ``rollout._target_`` names (``rollout=direct``: one batched call of the
+    ``inference_model.backend`` generator; ``collector``: TorchRL's LLMCollector over a
+    DatasetChatEnv; both yield the same batches). The Ray actors build theirs here too
+    (``colocated=False``, their own ``seed``)."""
     from grpo_utils.config.validate import rollout_class
-    from grpo_utils.rollout.group import generation_kwargs
+    from grpo_utils.inference.transformers import generation_kwargs
 
     engine = rollout_class(cfg)
-    extra = {"keep_rollout_log_probs": True} if engine.samples_log_probs and loss_fn.needs_rollout_log_probs else {}
+    # vLLM's log-probs are always kept: the loss logs the sampler/trainer mismatch (mismatch_kl).
+    keep = engine.samples_log_probs and (loss_fn.needs_rollout_log_probs or cfg.inference_model.backend == "vllm")
+    extra = {"keep_rollout_log_probs": True} if keep else {}
+    if engine.supports_vllm:
+        extra["generator"] = generator(cfg, model, tokenizer, keep, cfg.seed if seed is None else seed, colocated)
     return engine(model, tokenizer, render, reward_fn, generation_kwargs(cfg.generation), cfg.env.group_size, stream,
                   shaping=shaping(cfg), **extra)
 

@@ -68,9 +68,11 @@ def add_behaviour_log_probs(model, batch, temperature: float, micro_batch_size: 
     """Set ``batch["old_log_probs"]``: the exact log-probs of the sampled response tokens under
     ``model`` (the weights that sampled). The trainer and the Ray collectors both call this.
 
-    TorchRL's ``TransformersWrapper`` reports 0 for the first sampled token's log-prob, so the
-    sampler's own ``rollout_log_probs`` (kept for the mismatch correction) get the exact value there.
+    TorchRL's ``TransformersWrapper`` reports exactly 0 for the first sampled token's log-prob, so
+    there the sampler's own ``rollout_log_probs`` (kept for the mismatch correction) get the exact
+    value (vLLM reports the real one, which is left alone).
     """
     batch["old_log_probs"] = batch_log_probs(model, batch, temperature, micro_batch_size)
     if "rollout_log_probs" in batch.keys():
-        batch["rollout_log_probs"][:, 0] = batch["old_log_probs"][:, 0]
+        first = batch["rollout_log_probs"][:, 0]
+        batch["rollout_log_probs"][:, 0] = torch.where(first == 0, batch["old_log_probs"][:, 0], first)

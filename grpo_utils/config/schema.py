@@ -47,8 +47,26 @@ class RefModelConfig:
 
 @dataclass
 class InferenceModelConfig:
-    num_devices: float = key(0, "GPUs per collector actor (Ray modes; fractions share a GPU); 0: collectors "
-                             "generate on CPU. Locally the generator is the training module")
+    backend: str = key("transformers", "transformers (HF generate through TorchRL's TransformersWrapper) | vllm "
+                       "(an in-process vLLM engine; pip install -e '.[vllm]')")
+    num_devices: float = key(0, "GPUs for generation in all (Ray modes), split over mode.num_collectors (vllm: "
+                             "one replica of tensor_parallel_size GPUs per collector; transformers: fractions "
+                             "share a GPU); 0: collectors on CPU, or locally on the trainer's device")
+    tensor_parallel_size: int = key(1, "vllm: GPUs per replica (tensor parallel)")
+    dtype: str | None = key(None, "vllm: float32 | bfloat16 | float16; null: model.dtype")
+    max_model_len: int | None = key(None, "vllm: context length the engine reserves KV for; null: the model's")
+    gpu_memory_utilization: float | None = key(None, "vllm: fraction of the GPU the engine may take; null: 0.3 "
+                                                  "sharing the trainer's GPU, 0.9 on its own")
+    enable_prefix_caching: bool = key(True, "vllm: reuse the KV of shared prefixes (the G repeats of a prompt); "
+                                      "reset on every weight sync")
+    enforce_eager: bool | None = key(None, "vllm: no CUDA graphs; null: true on CPU, false on GPU")
+    cpu_kv_cache_gib: float = key(1.0, "vllm on CPU: GiB reserved for the KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    sleep: bool | None = key(None, "vllm: free the engine's GPU memory while the trainer trains; null: on when "
+                                "it shares the trainer's GPU (needs a GPU)")
+    probe_every: int = key(1, "vllm: after every N-th weight sync, score a fixed sequence in vLLM and the trainer "
+                           "(weight_sync/probe_max_abs_diff); 0: never")
+    probe_tolerance: float | None = key(None, "vllm: stop the run when the probe differs by more; null: 1e-3 "
+                                           "in float32, 0.1 in bf16/fp16")
 
 
 @dataclass
@@ -204,7 +222,9 @@ class SyncModeConfig(RayModeConfig):
 @dataclass
 class AsyncModeConfig(RayModeConfig):
     name: str = key("async", "checked by the recipe: grpo-async.py runs mode=async")
-    num_collectors: int = key(1, "collector actors, each holding its own copy of the policy")
+    num_collectors: int | None = key(None, "collector actors, each holding its own copy of the policy; null: one "
+                                     "per inference replica (inference_model.num_devices / tensor_parallel_size), "
+                                     "at least 1")
     max_staleness: int = key(1, "drop samples generated more than this many policy versions ago")
     weight_update_frequency: int = key(1, "push weights to the collectors every N optimizer steps (at a batch "
                                        "boundary)")

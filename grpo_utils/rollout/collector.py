@@ -63,6 +63,7 @@ class CollectorRollout(GroupRollout):
 
     samples_log_probs = False  # the history-mode wrapper's log-probs are not kept
     needs_chat_template = True
+    supports_vllm = False  # TorchRL's history-mode TransformersWrapper generates
 
     def __init__(self, model, tokenizer, renderer, reward_fn, gen_kwargs: dict[str, Any], group_size: int,
                  stream: PromptStream, shaping=None):

@@ -1,11 +1,11 @@
 """Rollout: prompts -> G completions each -> rewards -> group advantages, as one dense batch.
 
-Generation goes through TorchRL's ``TransformersWrapper`` (tokens in, tokens out) in ONE call
-for all P x G completions of a step. Off the shelf, TorchRL's ``LLMCollector`` over a
-``DatasetChatEnv`` calls ``generate`` once per repeat and clones lazily stacked histories
-(about 10x a bare loop on a tiny model), so prompts are rendered and tokenized here, once per
-distinct prompt, and the batch stays a dense ``TensorDict`` that TorchRL's replay buffer
-stores without copies.
+Generation is ONE call of the inference engine (``grpo_utils.inference``: TorchRL's
+``TransformersWrapper`` or vLLM) for all P x G completions of a step. Off the shelf, TorchRL's
+``LLMCollector`` over a ``DatasetChatEnv`` calls ``generate`` once per repeat and clones lazily
+stacked histories (about 10x a bare loop on a tiny model), so prompts are rendered and tokenized
+here, once per distinct prompt, and the batch stays a dense ``TensorDict`` that TorchRL's replay
+buffer stores without copies.
 """
 
 from __future__ import annotations
@@ -19,55 +19,8 @@ from tensordict import TensorDict
 from grpo_utils.algo.advantages import zero_advantage_group_fraction
 from grpo_utils.algo.shaping import RolloutShaping, dynamic_sampling_keep, soft_overlong_penalty
 from grpo_utils.data.prompts import PromptRenderer, PromptStream
+from grpo_utils.inference.transformers import TransformersGenerator
 from grpo_utils.rewards import RewardFunction
-
-
-def generation_kwargs(gen_cfg, greedy: bool = False) -> dict[str, Any]:
-    """HF ``generate`` kwargs. Unrestricted sampling is ``top_k=None`` passed explicitly: HF
-    rejects ``top_k=0``, falls back to 50 when top_k is absent, and ``top_k=vocab_size`` would
-    run a useless top-k over the whole vocabulary at every token."""
-    if greedy:
-        return {"max_new_tokens": gen_cfg.max_new_tokens, "do_sample": False}
-    kwargs = {"max_new_tokens": gen_cfg.max_new_tokens, "do_sample": True,
-              "temperature": gen_cfg.temperature, "top_k": gen_cfg.top_k or None}
-    if gen_cfg.top_p < 1:
-        kwargs["top_p"] = gen_cfg.top_p
-    if gen_cfg.min_new_tokens:
-        kwargs["min_new_tokens"] = gen_cfg.min_new_tokens
-    return kwargs
-
-
-def make_generator(model, tokenizer, gen_kwargs: dict[str, Any], return_log_probs: bool = False):
-    from torchrl.modules.llm import TransformersWrapper
-
-    return TransformersWrapper(
-        model,
-        tokenizer=tokenizer,
-        input_mode="tokens",
-        generate=True,
-        # Behaviour log-probs are recomputed exactly by grpo_utils.algo.logprobs (TorchRL zeroes token 0);
-        # the sampler's own are only kept for the inference/training mismatch correction.
-        return_log_probs=return_log_probs,
-        pad_output=True,
-        generate_kwargs=dict(gen_kwargs),
-    )
-
-
-def generate_tokens(generator, prompt: torch.Tensor, prompt_mask: torch.Tensor) -> TensorDict:
-    """``generator`` (a token-mode ``TransformersWrapper`` from :func:`make_generator`) on a dense,
-    left-padded prompt batch: a ``TensorDict`` with ``("tokens", "response")`` (and
-    ``("log_probs", "response")`` when the wrapper returns log-probs), as ``generator(td)`` gives.
-
-    The wrapper's ``forward`` first splits the batch into one lazily stacked TensorDict per row and
-    builds its outputs (text, tokens, masks tensorclasses) row by row: about 5 ms for 32 rows, a
-    tenth of a tiny model's step. Its token path, given the padded tensors and a dense output, makes
-    the same ``generate`` call with the same kwargs and fills the same outputs (same tokens, same
-    random draws) for about 1 ms. Falls back to ``forward`` if a TorchRL release drops that path.
-    """
-    if not hasattr(generator, "_generate_from_tokens"):
-        td = TensorDict({"tokens": {"prompt": prompt}, "attention_mask": prompt_mask}, batch_size=[len(prompt)])
-        return generator(td)
-    return generator._generate_from_tokens(prompt, prompt_mask, None, TensorDict(batch_size=[len(prompt)]))
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -111,10 +64,15 @@ class GroupRollout:
     samples_log_probs = True
     #: The engine renders prompts itself and needs the chat template.
     needs_chat_template = False
+    #: The engine can generate with any ``grpo_utils.inference`` generator (``backend=vllm`` too).
+    supports_vllm = True
 
     def __init__(self, model, tokenizer, renderer: PromptRenderer, reward_fn: RewardFunction,
                  gen_kwargs: dict[str, Any], group_size: int, stream: PromptStream,
-                 keep_rollout_log_probs: bool = False, shaping: RolloutShaping | None = None):
+                 keep_rollout_log_probs: bool = False, shaping: RolloutShaping | None = None, generator=None):
+        """``generator`` (default: a ``TransformersGenerator`` over ``model``) is the inference engine
+        (``grpo_utils.inference``); one that does not share ``model``'s weights gets them in
+        :meth:`sync_weights`."""
         self.stream = stream
         self.shaping = shaping or RolloutShaping()
         self.tokenizer = tokenizer
@@ -123,8 +81,11 @@ class GroupRollout:
         self.group_size = group_size
         self.max_new_tokens = gen_kwargs["max_new_tokens"]
         self.keep_rollout_log_probs = keep_rollout_log_probs
-        self.generator = make_generator(model, tokenizer, gen_kwargs, return_log_probs=keep_rollout_log_probs)
+        if generator is None:
+            generator = TransformersGenerator(model, tokenizer, gen_kwargs, return_log_probs=keep_rollout_log_probs)
+        self.generator = generator
         self.last_rollout_log_probs: torch.Tensor | None = None
+        self._probe_diff: float | None = None
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self._prompt_cache: dict[str, torch.Tensor] = {}
@@ -166,18 +127,22 @@ class GroupRollout:
         self.stream.load_state_dict(state)
 
     @torch.no_grad()
-    def generate(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt ids, prompt mask and response ids for ``rows`` (one completion per row)."""
+    def generate(self, rows: list[dict[str, Any]],
+                 seed_key: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt ids, prompt mask and response ids for ``rows`` (one completion per row);
+        ``seed_key`` seeds engines that sample with per-request seeds (vLLM)."""
         prompt, prompt_mask = self.encode_prompts(rows)
-        out = generate_tokens(self.generator, prompt, prompt_mask)
+        response, log_probs = self.generator.generate(prompt, prompt_mask, seed_key)
         if self.keep_rollout_log_probs:
-            self.last_rollout_log_probs = out["log_probs", "response"]
-        return prompt, prompt_mask, out["tokens", "response"]
+            self.last_rollout_log_probs = log_probs
+        return prompt, prompt_mask, response
 
     def sample_groups(self) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next prompts, each repeated ``group_size`` times (contiguous), and their completions."""
+        # The stream position before the draw identifies this generation round, in a resumed run too.
+        seed_key = tuple(self.stream.state_dict().values())
         rows = [row for row in self.stream.next_batch() for _ in range(self.group_size)]
-        return (rows, *self.generate(rows))
+        return (rows, *self.generate(rows, seed_key))
 
     def _sample_scored(self) -> dict[str, Any]:
         """One generation round: rows, tensors and task rewards of ``num_prompts`` groups."""
@@ -197,12 +162,19 @@ class GroupRollout:
         return part
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
-        """The generator shares the training module, so new weights are already in place; only
-        the version that tags the next samples changes."""
+        """Tag the next samples with ``version``; a generator with weights of its own (vLLM) gets
+        ``model``'s, then the probe checks it holds them (raising ``WeightSyncError`` if not)."""
+        if not self.generator.shares_weights:
+            self.generator.load_weights(model)
+            probe_ids = self.encode_prompts(self.stream.rows[:1])[0][0].tolist()
+            diff = self.generator.check_sync(model, probe_ids, version)
+            if diff is not None:
+                self._probe_diff = diff
         self.policy_version = version
 
     def close(self) -> None:
-        """Nothing to release (the Ray rollout shuts its actors down here)."""
+        """Release the generator (a vLLM engine; the Ray rollout shuts its actors down here)."""
+        self.generator.close()
 
     def collect(self, shaping: RolloutShaping | None = None,
                 policy_version: int | None = None) -> tuple[TensorDict, dict[str, float]]:
@@ -268,6 +240,9 @@ class GroupRollout:
             "reward/timeouts": float(part.get("timeouts", 0)),
             "time/generate_s": t_gen,
         }
+        if self._probe_diff is not None:  # the probe after the sync that produced these weights
+            stats["weight_sync/probe_max_abs_diff"] = self._probe_diff
+            self._probe_diff = None
         if shaping.dynamic_sampling:
             stats.update({"dynamic_sampling/groups_dropped": float(dropped),
                           "dynamic_sampling/rounds": float(rounds + 1)})

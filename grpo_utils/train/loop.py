@@ -77,9 +77,12 @@ class GRPOLoop:
         # Behaviour log-probs are needed when a batch is reused for several updates, for a KL
         # penalty in the reward, or to correct the sampler's log-probs; with one update per batch
         # the policy that sampled is the one being trained (ratio exactly 1). Ray collectors send
-        # them with the batch, computed with the weights that sampled.
+        # them with the batch, computed with the weights that sampled. With vLLM they are always
+        # computed here, from the current weights: vLLM's own are the batch's rollout_log_probs,
+        # so the mismatch (and staleness, in async) is measured and, with loss.is_correction,
+        # corrected between the two.
         self.need_behaviour = (updates_per_batch > 1 or self.loss_fn.kl_in_reward
-                               or self.loss_fn.needs_rollout_log_probs)
+                               or self.loss_fn.needs_rollout_log_probs or cfg.inference_model.backend == "vllm")
         self.micro_batch_size = cfg.train.optim_batch_size // cfg.train.grad_accum_steps
         self.push_every = sources.push_every(cfg, self.mode)
         self.advantages = build.advantage_stage(cfg, self.loss_fn)

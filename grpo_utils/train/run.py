@@ -4,6 +4,7 @@ turn SIGTERM into an exception, quiet the libraries' per-step logging."""
 from __future__ import annotations
 
 import logging
+import os
 
 import tensordict
 import torch
@@ -34,7 +35,11 @@ def quiet_console() -> None:
     """The console shows the progress bar, warnings and the summary; details go to the run
     directory's log file (Hydra's ``<job>.log``). TorchRL logs every replay-buffer storage it
     builds at INFO through its own stdout handler (set up when torchrl is imported, which resets
-    any level set before), so its handler keeps only warnings and the log file gets the rest."""
+    any level set before), so its handler keeps only warnings and the log file gets the rest.
+    vLLM (imported by torchrl when installed) warns about its CPU build on import and about every
+    in-place weight reload: only its errors are shown (``VLLM_LOGGING_LEVEL`` overrides)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
     import torchrl  # noqa: F401  (configures the "torchrl" logger)
 
     torchrl_logger = logging.getLogger("torchrl")

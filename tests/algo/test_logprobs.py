@@ -16,9 +16,10 @@ from grpo_utils.algo.logprobs import position_ids_from_mask, response_log_probs
 from grpo_utils.algo.losses import ClippedSurrogateLoss
 from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.data.prompts import PromptRenderer, PromptStream
+from grpo_utils.inference.transformers import generation_kwargs
 from grpo_utils.models.tiny import build_model
 from grpo_utils.rewards import RewardFunction
-from grpo_utils.rollout.group import GroupRollout, generation_kwargs, response_mask
+from grpo_utils.rollout.group import GroupRollout, response_mask
 from grpo_utils.train.trainer import PolicyTrainer
 from tests.helpers import EOS, PAD, train_cfg
 
@@ -203,7 +204,7 @@ def test_log_probs_after_sampled_pad_token_match_sampler(tok, monkeypatch):
     sampled = torch.tensor([[40, PAD, 41, 42, EOS, PAD]] * GROUP)  # what generate() returned
     real_generate = rollout.generate
 
-    def fake_generate(rows):
+    def fake_generate(rows, seed_key=()):
         prompt, prompt_mask, _ = real_generate(rows)
         return prompt, prompt_mask, sampled
 

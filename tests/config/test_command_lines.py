@@ -116,7 +116,20 @@ def test_renamed_keys_name_the_key_to_use(key, ours):
 
 def test_features_not_here_say_so():
     assert "LoRA is not available yet" in renamed("train_model.lora.enabled")
-    assert "vLLM is not available yet" in renamed("inference_model.gpu_memory_utilization")
+
+
+def test_torchrl_vllm_keys_are_keys_of_this_config():
+    for key in ("backend", "gpu_memory_utilization", "enforce_eager", "enable_prefix_caching", "tensor_parallel_size"):
+        assert renamed(f"inference_model.{key}") is None, key
+    line = ("inference_model.backend=vllm inference_model.gpu_memory_utilization=0.5 inference_model.enforce_eager=true "
+            "inference_model.enable_prefix_caching=false inference_model.max_model_len=256")
+    (cfg,) = jobs(line)
+    inf = cfg.inference_model
+    assert (inf.backend, inf.gpu_memory_utilization, inf.enforce_eager, inf.enable_prefix_caching,
+            inf.max_model_len) == ("vllm", 0.5, True, False, 256)
+    with pytest.raises(ConfigError, match=r"^inference_model.torch_dtype is not a key of this config; use "
+                                          r"inference_model.dtype\b"):
+        check_command_line(["inference_model.torch_dtype=bfloat16"], CONFIG, "grpo_quickstart")
 
 
 @pytest.mark.parametrize(("line", "message"), [

@@ -10,9 +10,10 @@ from omegaconf import OmegaConf
 from grpo_utils.algo.shaping import RolloutShaping
 from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.data.prompts import PromptRenderer, PromptStream
+from grpo_utils.inference.transformers import generation_kwargs
 from grpo_utils.models.tiny import build_model
 from grpo_utils.rewards import RewardFunction
-from grpo_utils.rollout.group import GroupRollout, generation_kwargs
+from grpo_utils.rollout.group import GroupRollout
 from tests.helpers import EOS, PAD
 
 G, P = 2, 3

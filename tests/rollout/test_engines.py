@@ -10,10 +10,11 @@ from omegaconf import OmegaConf
 
 from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.data.prompts import PromptRenderer, PromptStream
+from grpo_utils.inference.transformers import generation_kwargs, make_generator
 from grpo_utils.models.tiny import build_model
 from grpo_utils.rewards import RewardFunction
 from grpo_utils.rollout.collector import CollectorRollout
-from grpo_utils.rollout.group import GroupRollout, generation_kwargs, make_generator
+from grpo_utils.rollout.group import GroupRollout
 
 tensordict.set_list_to_stack(True).set()
 GEN = OmegaConf.create(dict(max_new_tokens=5, min_new_tokens=0, temperature=1.0, top_p=1.0, top_k=0))

@@ -17,9 +17,10 @@ from tensordict import TensorDict
 from grpo_utils.algo.losses import ClippedSurrogateLoss
 from grpo_utils.data.datasets import quickstart_rows
 from grpo_utils.data.prompts import PromptRenderer, PromptStream
+from grpo_utils.inference.transformers import generate_tokens, generation_kwargs, make_generator
 from grpo_utils.models.tiny import build_model, build_tokenizer
 from grpo_utils.rewards import RewardFunction
-from grpo_utils.rollout.group import GroupRollout, generate_tokens, generation_kwargs, left_pad, make_generator
+from grpo_utils.rollout.group import GroupRollout, left_pad
 from grpo_utils.train.trainer import PolicyTrainer
 
 tensordict.set_list_to_stack(True).set()

