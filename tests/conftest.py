@@ -30,6 +30,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from grpo_utils.models.tiny import build_model, build_tokenizer, save_tiny
 
@@ -52,6 +54,27 @@ def tiny_dir(tmp_path_factory) -> Path:
     """The tiny model and tokenizer saved as a Hugging Face directory (hidden size 32, one layer).
     Runs read it and write elsewhere, so one copy serves the whole session."""
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=1)
+
+
+@pytest.fixture(scope="session")
+def vllm_dir(tmp_path_factory) -> Path:
+    """A tiny model vLLM's CPU attention can run (head size 64: hidden 64, one head, one layer)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny_vllm") / "model", hidden_size=64, num_layers=1, num_heads=1)
+
+
+@pytest.fixture(scope="session")
+def vllm_generator(vllm_dir):
+    """ONE in-process vLLM engine on ``vllm_dir`` for the whole session (start-up about 12 s with the
+    import), sampling at temperature 0.7 for 8 tokens with seed 0. A test that loads other weights
+    into it restores them (see tests/inference/test_vllm_engine.py)."""
+    from grpo_utils.inference.vllm_engine import VLLMGenerator, VLLMSettings
+
+    gen_cfg = OmegaConf.create({"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 8,
+                                "min_new_tokens": 0})
+    generator = VLLMGenerator(str(vllm_dir), VLLMSettings(max_model_len=128), gen_cfg, stop_ids=[257], pad_id=0,
+                              seed=0, device=torch.device("cpu"))
+    yield generator
+    generator.close()
 
 
 @pytest.fixture(scope="session")

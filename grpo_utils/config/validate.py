@@ -174,7 +174,7 @@ def check_placement(cfg: DictConfig, mode: str, needs_reference: bool) -> None:
         raise ConfigError(f"ref_model.num_devices={cfg.ref_model.num_devices}: a reference on devices of its own "
                           "is not available yet; use ref_model.num_devices=0 (on the trainer's device)")
     _require(not cfg.inference_model.num_devices or mode == "async" or cfg.mode.ray,
-             f"inference_model.num_devices={cfg.inference_model.num_devices} needs mode.ray=true or grpo-async.py: "
+             f"inference_model.num_devices={cfg.inference_model.num_devices:g} needs mode.ray=true or grpo-async.py: "
              "locally the generator is the training module, on its device")
 
 

@@ -59,7 +59,9 @@ class VLLMSettings:
         if sleep and not on_gpu:
             raise ConfigError("inference_model.sleep=true needs a GPU (vLLM's sleep mode frees GPU memory)")
         dtype = inf.dtype or cfg.model.dtype
-        default_util = 0.3 if colocated else 0.9  # colocated: the trainer needs the rest of the GPU
+        # Colocated, the trainer needs the rest of the GPU; on a collector's own GPU the collector's copy of
+        # the policy (which receives the broadcast weights) is there too.
+        default_util = 0.3 if colocated else 0.6
         tolerance = inf.probe_tolerance
         if tolerance is None:
             tolerance = FP32_TOLERANCE if dtype == "float32" else HALF_PRECISION_TOLERANCE

@@ -67,11 +67,13 @@ def build_model(
     return Qwen2ForCausalLM(config)
 
 
-def save_tiny(path: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
-    """Build and save an untrained tiny model + tokenizer (used by tests and the benchmark)."""
+def save_tiny(path: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+              num_heads: int = 4) -> Path:
+    """Build and save an untrained tiny model + tokenizer (used by tests and the benchmark).
+    vLLM's CPU attention needs a head size of 64 or more (``hidden_size / num_heads``)."""
     path = Path(path)
     tok = build_tokenizer()
-    model = build_model(tok, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    model = build_model(tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, seed=seed)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
     tok.save_pretrained(path)
