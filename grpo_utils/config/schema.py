@@ -56,7 +56,8 @@ class InferenceModelConfig:
     dtype: str | None = key(None, "vllm: float32 | bfloat16 | float16; null: model.dtype")
     max_model_len: int | None = key(None, "vllm: context length the engine reserves KV for; null: the model's")
     gpu_memory_utilization: float | None = key(None, "vllm: fraction of the GPU the engine may take; null: 0.3 "
-                                                  "sharing the trainer's GPU, 0.9 on its own")
+                                                  "sharing the trainer's GPU, 0.6 on a collector's own "
+                                                  "(the collector's copy of the policy is there too)")
     enable_prefix_caching: bool = key(True, "vllm: reuse the KV of shared prefixes (the G repeats of a prompt); "
                                       "reset on every weight sync")
     enforce_eager: bool | None = key(None, "vllm: no CUDA graphs; null: true on CPU, false on GPU")
