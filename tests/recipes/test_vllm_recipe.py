@@ -98,8 +98,11 @@ def test_async_vllm_collectors_follow_the_trainer(env, vllm_dir, tmp_path):
     from tests.distributed.test_async import run_async
 
     run_dir = tmp_path / "run"
+    # The collective weight sync: bucketed broadcasts (gloo here, NCCL on GPUs) into the collector,
+    # which reloads the engine from the received tensors.
     run_async(env, "mode=async", *tiny_overrides(vllm_dir, run_dir, "train.max_steps=6", "mode.max_staleness=1",
-                                                 "mode.actor_timeout_s=120"), timeout=300)
+                                                 "mode.actor_timeout_s=120", "mode.weight_sync=collective"),
+              timeout=300)
     lines = train_lines(run_dir)
     assert [r["step"] for r in lines] == list(range(1, 7))
     assert all(0 <= r["staleness/max"] <= 1 for r in lines)
