@@ -70,7 +70,8 @@ def bench_model(name: str, a: argparse.Namespace, workdir: Path) -> dict[str, fl
                                               ["input_ids"]) for row in rows]
     key = (0, 0)
     sampling = [vllm.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_tokens=a.tokens, min_tokens=a.tokens,
-                                    logprobs=0, stop_token_ids=[tok.eos_token_id], seed=request_seed(0, key, i))
+                                    logprobs=0, stop_token_ids=[tok.eos_token_id], seed=request_seed(0, key, i),
+                                    skip_clone=True)
                 for i in range(len(rows))]
     runs = {
         "bare": lambda: engine.llm.generate(token_prompts, sampling, use_tqdm=False),
