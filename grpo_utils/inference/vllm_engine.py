@@ -184,9 +184,8 @@ class VLLMGenerator:
 
         self.wake_up()
         params = self._sampling_params(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        # Left awake: a probe follows a sync, and the next rollout comes right after it.
         out = self.llm.generate([self._tokens_prompt(prompt_token_ids=list(token_ids))], params, use_tqdm=False)[0]
-        if self.settings.sleep:
-            self.sleep()
         engine = torch.tensor([step[t].logprob for t, step in zip(token_ids[1:], out.prompt_logprobs[1:])])
         device = next(model.parameters()).device
         ids = torch.tensor([token_ids], device=device)

@@ -179,3 +179,41 @@ def test_settings_resolve_auto_values_per_device():
     assert (own_gpu.sleep, own_gpu.gpu_memory_utilization, own_gpu.probe_tolerance) == (False, 0.6, 0.1)
     with pytest.raises(ConfigError, match=r"^inference_model.sleep=true needs a GPU"):
         VLLMSettings.from_config(_cfg(sleep=True), torch.device("cpu"), colocated=True)
+
+
+class RecordingLLM:
+    """The real engine, with its sleep-mode calls recorded instead of made (vLLM's sleep mode needs
+    a GPU); every other call goes through."""
+
+    def __init__(self, llm):
+        self.llm, self.calls = llm, []
+
+    def sleep(self, level: int = 1):
+        self.calls.append(f"sleep({level})")
+
+    def wake_up(self, tags=None):
+        self.calls.append("wake_up")
+
+    def __getattr__(self, name):
+        attr = getattr(self.llm, name)
+        if callable(attr):
+            def recorded(*args, **kwargs):
+                self.calls.append(name)
+                return attr(*args, **kwargs)
+            return recorded
+        return attr
+
+
+def test_colocated_engine_sleeps_while_the_trainer_trains(vllm_generator, policy, tok, monkeypatch):
+    """On a shared GPU: one sleep after each rollout, one wake-up before the sync that precedes the
+    next; the probe and the next rollout run awake."""
+    recorder = RecordingLLM(vllm_generator.llm)
+    monkeypatch.setattr(vllm_generator, "llm", recorder)
+    monkeypatch.setattr(vllm_generator.settings, "sleep", True)
+    monkeypatch.setattr(vllm_generator, "_asleep", False)  # restored (awake) whatever happens below
+    ro = rollout(vllm_generator, policy, tok)
+    ro.collect()                    # rollout, then sleep: the trainer trains now
+    ro.sync_weights(policy, 1)      # wake, reload, reset the prefix cache, probe
+    ro.collect()
+    assert recorder.calls == ["generate", "sleep(1)", "wake_up", "collective_rpc", "reset_prefix_cache", "generate",
+                              "generate", "sleep(1)"]
