@@ -118,6 +118,7 @@ class VLLMGenerator:
             # The sampled tokens' log-probs after temperature (and top-k/top-p), as the trainer's
             # log-probs divide the logits by the temperature.
             "logprobs_mode": "processed_logprobs",
+            "use_tqdm_on_load": False,  # the run's console has its own progress bar
         }
         if settings.max_model_len:
             kwargs["max_model_len"] = settings.max_model_len

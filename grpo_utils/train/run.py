@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import tensordict
 import torch
@@ -40,6 +41,7 @@ def quiet_console() -> None:
     in-place weight reload: only its errors are shown (``VLLM_LOGGING_LEVEL`` overrides)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op", category=FutureWarning)
     import torchrl  # noqa: F401  (configures the "torchrl" logger)
 
     torchrl_logger = logging.getLogger("torchrl")
