@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from grpo_utils.errors import ConfigError, WeightSyncError
+from grpo_utils.errors import ConfigError, DataError, WeightSyncError
 
 #: The fp32 tolerance of the probe; half precision gets :data:`HALF_PRECISION_TOLERANCE`.
 FP32_TOLERANCE = 1e-3
@@ -140,6 +140,7 @@ class VLLMGenerator:
             # one thread "for serving": the trainer in the same process would train on one core.
             torch.set_num_threads = set_threads
             torch.set_num_threads(threads)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         if settings.sleep:
             self.sleep()
 
@@ -152,6 +153,12 @@ class VLLMGenerator:
         # One validated SamplingParams, shallow-copied per request with its own seed; skip_clone:
         # vLLM would otherwise deep-copy each one again (a tenth of a tiny model's generate call).
         template = self._sampling_params(**self.sampling, logprobs=0, stop_token_ids=self.stop_ids, skip_clone=True)
+        longest = int(prompt_mask.sum(-1).max())
+        if longest + self.sampling["max_tokens"] > self.max_model_len:
+            # vLLM would reject the request mid-run with a long message; say which knob to turn.
+            raise DataError(f"a prompt of {longest} tokens + generation.max_new_tokens={self.sampling['max_tokens']} "
+                            f"exceeds the vLLM engine's context of {self.max_model_len} tokens "
+                            "(inference_model.max_model_len)")
         prompts, params = [], []
         for i, (ids, mask) in enumerate(zip(prompt.tolist(), prompt_mask.tolist())):
             prompts.append(self._tokens_prompt(prompt_token_ids=[t for t, m in zip(ids, mask) if m]))

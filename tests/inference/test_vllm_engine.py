@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from grpo_utils.algo.logprobs import batch_log_probs
 from grpo_utils.data.prompts import PromptRenderer, PromptStream
-from grpo_utils.errors import ConfigError, WeightSyncError
+from grpo_utils.errors import ConfigError, DataError, WeightSyncError
 from grpo_utils.inference.transformers import generation_kwargs
 from grpo_utils.inference.vllm_engine import VLLMSettings, request_seed
 from grpo_utils.rewards import RewardFunction
@@ -217,3 +217,11 @@ def test_colocated_engine_sleeps_while_the_trainer_trains(vllm_generator, policy
     ro.collect()
     assert recorder.calls == ["generate", "sleep(1)", "wake_up", "collective_rpc", "reset_prefix_cache", "generate",
                               "generate", "sleep(1)"]
+
+
+def test_prompt_too_long_for_the_engine_is_one_line(vllm_generator, policy, tok):
+    ro = rollout(vllm_generator, policy, tok)
+    prompt, mask = ro.encode_prompts([{"question": "9" * 125, "answer": "9"}])
+    with pytest.raises(DataError, match=r"^a prompt of \d+ tokens \+ generation.max_new_tokens=8 exceeds the vLLM "
+                                        r"engine's context of 128 tokens \(inference_model.max_model_len\)$"):
+        vllm_generator.generate(prompt, mask, (0, 0))
