@@ -89,10 +89,19 @@ def policy(cfg: DictConfig, device: torch.device, for_training: bool = True):
     return model, tokenizer
 
 
-def reference(model: torch.nn.Module) -> torch.nn.Module:
+def given_policy(cfg: DictConfig, model: torch.nn.Module, tokenizer, device: torch.device):
+    """A policy handed over in memory, prepared as :func:`policy` prepares a loaded one."""
+    from grpo_utils.models.loading import prepare_policy
+
+    return prepare_policy(model, tokenizer, device, cfg.train_model.gradient_checkpointing), tokenizer
+
+
+def reference(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
+    """A frozen copy of ``model`` (the initial policy, or a given reference) on ``device``."""
     from grpo_utils.models.loading import make_reference
 
-    return make_reference(model)
+    ref = make_reference(model)
+    return ref.to(device) if device is not None else ref
 
 
 def trainer(cfg: DictConfig, model: torch.nn.Module, loss_fn: torch.nn.Module, ref_model=None):

@@ -183,6 +183,8 @@ class CheckpointConfig:
     every_n_steps: int = key(30, "save checkpoints/step_<N>/ at the end of the batch reaching a multiple; "
                              "0 = final only")
     keep_last: int | None = key(2, "keep only the newest N checkpoints (null keeps all)")
+    layout: str = key("run_dir", "run_dir: checkpoints/step_<N>/ | hf: checkpoint-<N>/ in the run dir (as "
+                      "transformers' Trainer names them); resume finds either")
 
 
 @dataclass
@@ -238,6 +240,7 @@ class LoggerConfig:
     backend: str = key("none", "none | wandb (metrics.jsonl and the progress bar either way)")
     project: str = key("grpo", "wandb project (backend=wandb)")
     run_name: str | None = key(None, "wandb run name; null lets wandb choose")
+    log_every: int = key(1, "write a training line (metrics.jsonl, wandb) every N optimizer steps, and the last")
 
 
 # --------------------------------------------------------------------------------------- the run

@@ -41,6 +41,8 @@ def validate(cfg: DictConfig, mode: str) -> None:
              "there is no separate generator to run ahead (or use grpo-async.py)")
     _require(cfg.logger.backend in LOGGERS,
              f"logger.backend={cfg.logger.backend!r} is unknown; expected one of {', '.join(LOGGERS)}")
+    _require(OmegaConf.select(cfg, "logger.log_every", default=1) >= 1,
+             f"logger.log_every={OmegaConf.select(cfg, 'logger.log_every')} must be >= 1")
     name = cfg.model.name
     _require(not name.startswith("builtin:") or name == "builtin:quickstart",
              f"model.name={name!r} is unknown; the only builtin is 'builtin:quickstart'")
@@ -111,6 +113,8 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(cfg.checkpoint.every_n_steps >= 0, f"checkpoint.every_n_steps={cfg.checkpoint.every_n_steps} must be >= 0")
     _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1 or null")
+    _require(cfg.checkpoint.layout in ("run_dir", "hf"),
+             f"checkpoint.layout={cfg.checkpoint.layout!r} is unknown; expected run_dir or hf")
     _require(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps={cfg.eval.every_n_steps} must be >= 0")
     _require(cfg.eval.heldout_size >= 0, f"eval.heldout_size={cfg.eval.heldout_size} must be >= 0")
     _require(cfg.eval.k >= 0, f"eval.k={cfg.eval.k} must be >= 0 (0 = greedy accuracy only)")

@@ -34,11 +34,20 @@ def load_policy(model_cfg, device: torch.device,
                 gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, object, str]:
     path = resolve_model_path(model_cfg.name)
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_cfg.dtype]).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_cfg.dtype])
+    return prepare_policy(model, tokenizer, device, gradient_checkpointing), tokenizer, path
+
+
+def prepare_policy(model: torch.nn.Module, tokenizer, device: torch.device,
+                   gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """On ``device``, padding with the tokenizer's pad id (set to EOS if it has none)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, path
+    return model
 
 
 def make_reference(policy: torch.nn.Module) -> torch.nn.Module:

@@ -1,10 +1,35 @@
-"""A user-written reward: any importable function ``(prompt, completion, **row) -> float | dict``."""
+"""A user-written reward: any importable function ``(prompt, completion, **row) -> float | dict``,
+or with ``batched`` one ``(prompts, completions, **columns) -> list[float | dict]``."""
 
 from __future__ import annotations
 
 import importlib
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
+
+#: Objects handed over in memory (the Python API's rewards: a notebook's function, a reward model
+#: instance), addressable by dotted path in this process only. Ray actors import their rewards,
+#: so they cannot see these; the API saves or refuses what they would need.
+IN_PROCESS = types.SimpleNamespace()
+
+
+def register_in_process(obj: Any, name: str) -> str:
+    """Keep ``obj`` under ``name`` and return the dotted path that finds it in this process."""
+    setattr(IN_PROCESS, name, obj)
+    return f"{__name__}.IN_PROCESS.{name}"
+
+
+def importable_path(fn: Any) -> str | None:
+    """``fn``'s dotted path when importing it gives ``fn`` back in a fresh process (not a lambda,
+    closure or ``__main__`` function), else None."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        return None
+    try:
+        return f"{module}.{qualname}" if import_object(f"{module}.{qualname}") is fn else None
+    except Exception:
+        return None
 
 
 def import_object(path: str) -> Any:
@@ -46,6 +71,16 @@ class CallableReward:
         self.target = target
         self.fn: Callable[..., Any] = fn
         self.kwargs = dict(kwargs or {})
+
+    def batch(self, completions: list[str], rows: list[dict[str, Any]], prompts: list[str | None]) -> list[Any]:
+        """``batched``: one call ``fn(prompts, completions, **columns, **kwargs)`` where each row
+        field becomes a list (TRL's convention); returns one number or dict per completion."""
+        prompts = [p if p is not None else row.get("prompt", row.get("question", "")) for p, row in zip(prompts, rows)]
+        names = [k for k in rows[0] if k not in ("prompt", "completion")] if rows else []
+        columns = {k: [row.get(k) for row in rows] for k in names}
+        results = self.fn(prompts, completions, **{**columns, **self.kwargs})
+        results = list(results)
+        return [r if isinstance(r, Mapping) else {"reward": r} for r in results]
 
     def __call__(self, completion: str, row: dict[str, Any], prompt: str | None = None) -> Any:
         if prompt is None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REQUIRED = object()
+#: ``reward_model.path`` of a (model, tokenizer) pair registered in this process (the Python API).
+IN_PROCESS_PREFIX = "grpo_utils.rewards.python_callable.IN_PROCESS."
 
 
 @dataclass
@@ -85,6 +87,8 @@ def _callable(o: dict[str, Any]) -> Scorer:
     from grpo_utils.rewards.python_callable import CallableReward
 
     fn = CallableReward(o["_target_"], o["kwargs"])
+    if o["batched"]:
+        return Scorer(fn.keys, score_batch=fn.batch)
     return Scorer(fn.keys, score=fn)
 
 
@@ -134,6 +138,10 @@ def _check_reward_model(o: dict[str, Any]) -> None:
     from grpo_utils.rewards.reward_model import DTYPES
 
     path = o["path"]
+    if path.startswith(IN_PROCESS_PREFIX):  # a model handed over in memory (the Python API)
+        _one_of(o, "dtype", DTYPES)
+        _at_least(o, "batch_size", 1)
+        return
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         if not os.path.isfile(os.path.join(expanded, "config.json")):
@@ -195,8 +203,10 @@ REWARDS: dict[str, RewardSpec] = {
                     "prompt_field": (None, str), "label_index": (0, int), "sigmoid": (False, bool)},
                    _reward_model, lambda o: [(o["prompt_field"],)] if o["prompt_field"] else [],
                    _check_reward_model, uses_prompt=True),
-        RewardSpec("callable", "a user function (prompt, completion, **row) -> float | dict, by _target_",
-                   {"_target_": (REQUIRED, str), "kwargs": (None, dict)}, _callable, check=_check_callable,
+        RewardSpec("callable", "a user function (prompt, completion, **row) -> float | dict, by _target_; "
+                   "batched: (prompts, completions, **columns) -> list",
+                   {"_target_": (REQUIRED, str), "kwargs": (None, dict), "batched": (False, bool)}, _callable,
+                   check=_check_callable,
                    uses_prompt=True),
         RewardSpec("ifeval", "IFEval instruction following (fraction or all of the instructions)",
                    {"mode": ("fraction", str), "strictness": ("strict", str)}, _ifeval,

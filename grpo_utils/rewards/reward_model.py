@@ -40,8 +40,15 @@ class RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
+        from grpo_utils.rewards.registry import IN_PROCESS_PREFIX
+
+        if path.startswith(IN_PROCESS_PREFIX):  # (model, tokenizer) handed over in memory
+            from grpo_utils.rewards.python_callable import import_object
+
+            self.model, self.tokenizer = import_object(path)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
         self.model.to(device).eval()
         self.device = device
         self.batch_size = batch_size

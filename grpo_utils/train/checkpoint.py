@@ -41,8 +41,12 @@ __all__ = [
 ]
 
 CHECKPOINTS_DIRNAME = "checkpoints"
+#: ``checkpoint.layout``: (folder under the run dir, step directory prefix). ``run_dir`` is the
+#: run-directory contract; ``hf`` names them as transformers' Trainer does (what scripts written
+#: for it look for). Both are found when resuming, whichever wrote them.
+LAYOUTS = {"run_dir": (CHECKPOINTS_DIRNAME, "step_"), "hf": ("", "checkpoint-")}
 TRAINER_STATE_NAME = "trainer_state.pt"
-_STEP_DIR_RE = re.compile(r"^step_(\d+)$")
+_STEP_DIR_RE = re.compile(r"^(?:step_|checkpoint-)(\d+)$")
 _TMP_PREFIX = ".tmp_step_"
 _OLD_PREFIX = ".old_step_"
 
@@ -123,8 +127,10 @@ def _unwrap_model(model):
     return model
 
 
-def _checkpoints_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIRNAME
+def _checkpoints_dir(run_dir: str | os.PathLike, layout: str = "run_dir") -> Path:
+    if layout not in LAYOUTS:
+        raise ValueError(f"checkpoint.layout={layout!r} is unknown; expected one of {', '.join(LAYOUTS)}")
+    return Path(run_dir) / LAYOUTS[layout][0]
 
 
 def _step_of(path: Path) -> int | None:
@@ -152,8 +158,10 @@ def save_checkpoint(
     tokenizer,
     trainer_state: dict,
     keep_last: int | None = None,
+    layout: str = "run_dir",
 ) -> Path:
-    """Atomically write ``<run_dir>/checkpoints/step_<step>/`` and return its path.
+    """Atomically write ``<run_dir>/checkpoints/step_<step>/`` (``layout="hf"``:
+    ``<run_dir>/checkpoint-<step>/``) and return its path.
 
     ``trainer_state`` is saved to ``trainer_state.pt`` with the current RNG state added under
     ``"rng"`` (the caller's dict is not modified). ``tokenizer`` may be None. An existing
@@ -166,9 +174,9 @@ def save_checkpoint(
     if keep_last is not None and int(keep_last) < 1:
         raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None, got {keep_last}")
 
-    ckpt_root = _checkpoints_dir(run_dir)
+    ckpt_root = _checkpoints_dir(run_dir, layout)
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step}"
+    final = ckpt_root / f"{LAYOUTS[layout][1]}{step}"
     tmp = ckpt_root / f"{_TMP_PREFIX}{step}"
 
     # Leftovers of earlier crashed saves are never valid; a single process writes a run dir.
@@ -199,18 +207,17 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
 
     if keep_last is not None:
-        _prune(ckpt_root, int(keep_last))
+        _prune(Path(run_dir), int(keep_last))
     return final
 
 
-def _prune(ckpt_root: Path, keep_last: int) -> None:
-    complete = list_checkpoints(ckpt_root.parent)
+def _prune(run_dir: Path, keep_last: int) -> None:
+    complete = list_checkpoints(run_dir)
     if len(complete) <= keep_last:
         return
     oldest_kept = _step_of(complete[-keep_last])
-    for d in ckpt_root.iterdir():
-        s = _step_of(d)
-        if s is not None and d.is_dir() and s < oldest_kept:
+    for d in complete[:-keep_last]:
+        if _step_of(d) < oldest_kept:
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -224,15 +231,17 @@ def _is_complete(d: Path) -> bool:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete ``step_*`` checkpoint dirs of a run (those with ``trainer_state.pt``), by step."""
-    root = _checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
+    """Complete checkpoint dirs of a run (those with ``trainer_state.pt``), by step, in either
+    layout (``checkpoints/step_*`` or ``checkpoint-*``)."""
     found = []
-    for d in root.iterdir():
-        s = _step_of(d)
-        if s is not None and _is_complete(d):
-            found.append((s, d))
+    for folder, prefix in LAYOUTS.values():
+        root = Path(run_dir) / folder
+        if not root.is_dir():
+            continue
+        for d in root.iterdir():
+            s = _step_of(d)
+            if s is not None and d.name.startswith(prefix) and _is_complete(d):
+                found.append((s, d))
     return [d for _, d in sorted(found, key=lambda x: x[0])]
 
 
@@ -278,7 +287,7 @@ def resolve_resume(resume: bool | str | os.PathLike | None, run_dir: str | Path)
             return latest
     raise FileNotFoundError(
         f"resume checkpoint not found: {path} (expected a checkpoint dir containing "
-        f"{TRAINER_STATE_NAME}, or a run dir with {CHECKPOINTS_DIRNAME}/step_<N>/{TRAINER_STATE_NAME})"
+        f"{TRAINER_STATE_NAME}, or a run dir with {CHECKPOINTS_DIRNAME}/step_<N>/ or checkpoint-<N>/)"
     )
 
 
@@ -376,9 +385,10 @@ def _check_keys(model: torch.nn.Module, state: dict) -> tuple[list[str], list[st
 FINAL_MODEL_DIRNAME = "final_model"
 
 
-def save_final_model(run_dir: str | Path, model, tokenizer) -> Path:
+def save_final_model(run_dir: str | Path, model, tokenizer, checkpoint: Path | None = None) -> Path:
     """``<run_dir>/final_model/``: the last weights and the tokenizer as a Hugging Face model
-    directory, written under a temporary name and renamed into place (an older one is replaced)."""
+    directory, plus the training state of ``checkpoint`` (the last step's, so ``final_model/``
+    resumes too), written under a temporary name and renamed into place (an older one is replaced)."""
     final = Path(run_dir) / FINAL_MODEL_DIRNAME
     tmp = final.with_name(f".tmp_{FINAL_MODEL_DIRNAME}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -386,6 +396,8 @@ def save_final_model(run_dir: str | Path, model, tokenizer) -> Path:
         _unwrap_model(model).save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if checkpoint is not None and (Path(checkpoint) / TRAINER_STATE_NAME).is_file():
+            shutil.copy2(Path(checkpoint) / TRAINER_STATE_NAME, tmp / TRAINER_STATE_NAME)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

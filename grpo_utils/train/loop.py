@@ -33,10 +33,15 @@ class GRPOLoop:
     model loads when the config or the machine is wrong), ``train()`` runs to ``train.max_steps``,
     ``save_checkpoint()`` writes ``checkpoints/step_<N>/``, ``cleanup()`` releases the batch
     source and writes ``final_model/`` and ``summary.json``. An error or Ctrl-C inside
-    ``train()`` checkpoints the step reached before it propagates."""
+    ``train()`` checkpoints the step reached before it propagates.
 
-    def __init__(self, cfg: DictConfig, mode: str, run_dir: str | Path):
+    ``model``/``tokenizer`` (and ``ref_model``) given in memory (the Python API) replace loading
+    ``model.name``; ``model.name`` must still name a directory holding the same weights where
+    another process or engine loads them (Ray collectors, vLLM)."""
+
+    def __init__(self, cfg: DictConfig, mode: str, run_dir: str | Path, model=None, tokenizer=None, ref_model=None):
         self.cfg, self.mode, self.run_dir = cfg, mode, Path(run_dir)
+        self._given = (model, tokenizer, ref_model)
         self.state = TrainState()
         self.source = self.logger = None
         self._source_open = False
@@ -49,8 +54,14 @@ class GRPOLoop:
         self.train_rows, self.heldout_rows = build.rows(cfg.env, cfg.eval.heldout_size)
         resume_from = build.resume_checkpoint(cfg.resume, self.run_dir)
 
-        self.model, self.tokenizer = build.policy(cfg, self.device)
-        ref_model = build.reference(self.model) if self.loss_fn.needs_reference else None
+        given_model, given_tokenizer, given_ref = self._given
+        if given_model is None:
+            self.model, self.tokenizer = build.policy(cfg, self.device)
+        else:
+            self.model, self.tokenizer = build.given_policy(cfg, given_model, given_tokenizer, self.device)
+        ref_model = None
+        if self.loss_fn.needs_reference:
+            ref_model = build.reference(self.model if given_ref is None else given_ref, self.device)
         self.renderer = build.renderer(cfg.env, self.tokenizer, self.train_rows[0])
         self.trainer = build.trainer(cfg, self.model, self.loss_fn, ref_model)
         saved: dict[str, Any] = {}
@@ -140,7 +151,7 @@ class GRPOLoop:
         if state.step > 0 and state.step != state.saved_step:
             payload = state.to_checkpoint(self.trainer.state_dict(), self.source.checkpoint_state())
             ckpt.save_checkpoint(self.run_dir, state.step, self.model, self.tokenizer, payload,
-                                 keep_last=self.cfg.checkpoint.keep_last)
+                                 keep_last=self.cfg.checkpoint.keep_last, layout=self.cfg.checkpoint.layout)
             state.saved_step = state.step
         return state.saved_step
 
@@ -159,7 +170,7 @@ class GRPOLoop:
             extra |= {"heldout_accuracy_before": state.heldout_accuracy_before,
                       "heldout_accuracy_after": after["eval/accuracy"]}
         self.save_checkpoint()
-        ckpt.save_final_model(self.run_dir, self.model, self.tokenizer)
+        ckpt.save_final_model(self.run_dir, self.model, self.tokenizer, checkpoint=ckpt.latest_checkpoint(self.run_dir))
         self.logger.close()
         summary = write_summary(self.run_dir, steps_done=state.step, wall_time_s=time.perf_counter() - self.t_start,
                                 extra=extra)

@@ -117,6 +117,7 @@ class MetricsLogger:
         total_steps: int | None = None,
         start_step: int = 0,
         progress: bool = True,
+        log_every: int = 1,
     ):
         backend = "none" if backend is None else str(backend).lower()
         if backend not in _BACKENDS:
@@ -127,6 +128,9 @@ class MetricsLogger:
         self.backend = backend
         self.start_step = int(start_step)
         self.total_steps = total_steps
+        if int(log_every) < 1:
+            raise ValueError(f"logger.log_every={log_every} must be >= 1")
+        self.log_every = int(log_every)
         self.backup_path: Path | None = None
         self._closed = False
         self._wandb_run = None
@@ -224,7 +228,12 @@ class MetricsLogger:
         return record
 
     def log(self, metrics: dict, step: int) -> None:
-        """Write one training line ``{"step", **metrics, "time"}`` and advance the bar to ``step``."""
+        """Write one training line ``{"step", **metrics, "time"}`` (every ``log_every``-th step and
+        the last) and advance the bar to ``step``."""
+        if step % self.log_every and step != self.total_steps:
+            if self._bar is not None:
+                self._bar.update(int(step) - self._bar.n)
+            return
         record = self._write(metrics, step)
         if self._bar is not None:
             for key, label in (("reward/mean", "reward"), ("loss", "loss")):
