@@ -104,8 +104,8 @@ class CountdownDataConfig:
 class DataConfig:
     """The data keys shared by training and ``grpo-eval.py``."""
 
-    dataset: str = key("quickstart", "quickstart | gsm8k | math | ifeval | countdown | jsonl | the dotted path "
-                       "of your own function (split, env) -> rows")
+    dataset: str = key("quickstart", "quickstart | gsm8k | math | ifeval | countdown | jsonl | dialogue | the "
+                       "dotted path of your own function (split, env) -> rows")
     train_path: str | None = key(None, "training JSONL (file datasets)")
     test_path: str | None = key(None, "held-out JSONL (file datasets); null: hold out part of train_path")
     heldout_fraction: float = key(0.0, "without test_path: fraction of train_path held out (fixed draw, removed "
@@ -116,7 +116,8 @@ class DataConfig:
     prompt_field: str = key("question", "jsonl: the field holding the prompt")
     answer_field: str | None = key("answer", "jsonl: the field holding the reference answer")
     prompt_format: str = key("{question}", "Python format string over the row's fields: the user content")
-    system_prompt: str | None = key(None, "chat: system message; r1_zero: replaces the reasoning instruction")
+    system_prompt: str | None = key(None, "chat: system message; r1_zero: replaces the reasoning instruction; "
+                                    "dialogue: first line of the system message (every template)")
     chat_template: bool = key(True, "when template is null: render with the tokenizer's chat template")
     template: str | None = key(None, "plain | chat | r1_zero (<think>/<answer>); null: chat when "
                                   "chat_template is true, else plain")

@@ -14,6 +14,8 @@ Datasets (``env.dataset``):
   ``kwargs``); the answer is empty (the instructions are the reference).
 - ``countdown``: generated from a seed: reach ``target`` from ``numbers`` with + - * /.
 - ``jsonl``: any JSONL; ``env.prompt_field`` and ``env.answer_field`` name the fields.
+- ``dialogue``: ConvAI2-style JSONL (``history`` turns, gold ``response``, optional ``persona`` and
+  ``context``); rows carry chat ``messages`` ending with the user's turn (see :func:`dialogue_parser`).
 
 The held-out split is ``env.test_path`` when given; otherwise, for file datasets, a deterministic
 slice of the training file (``env.heldout_fraction`` or ``env.heldout_count``) that is removed
@@ -35,13 +37,13 @@ from typing import Any
 
 from grpo_utils.errors import DataError
 
-DATASETS = ("quickstart", "gsm8k", "math", "ifeval", "countdown", "jsonl")
-FILE_DATASETS = ("gsm8k", "math", "ifeval", "jsonl")
+DATASETS = ("quickstart", "gsm8k", "math", "ifeval", "countdown", "jsonl", "dialogue")
+FILE_DATASETS = ("gsm8k", "math", "ifeval", "jsonl", "dialogue")
 GENERATED_DATASETS = ("quickstart", "countdown")
 TEMPLATES = ("plain", "chat", "r1_zero")
 # The reward each dataset is scored with when ``reward.name`` is null (jsonl has none of its own).
 DATASET_REWARDS = {"quickstart": "numeric_answer", "gsm8k": "gsm8k", "math": "math", "ifeval": "ifeval",
-                   "countdown": "countdown"}
+                   "countdown": "countdown", "dialogue": "text_similarity"}
 SPLITS = ("train", "test")
 
 # The held-out slice of a training file does not depend on the run's seed, so runs with different
@@ -261,6 +263,56 @@ def _jsonl_rows(path: str | Path, prompt_field: str, answer_field: str | None, s
     return load_rows_from_file(path, _jsonl_parser(prompt_field, answer_field), skip_bad)
 
 
+# ----------------------------------------------------------------------------- dialogue
+
+
+def _nonempty_strings(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v.strip() for v in value)
+
+
+def dialogue_parser(system_prompt: str | None = None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Parse ConvAI2-style rows: ``history`` (the turns so far, the last one the user's), gold
+    ``response`` (a string, or a list of them: several gold replies), optional ``persona`` (a string
+    or a list of strings) and ``context`` (a string).
+
+    The row gains ``answer`` (the gold response(s), text_similarity's default reference),
+    ``question`` (the last turn, so the default ``env.prompt_format`` still formats) and chat
+    ``messages``. Roles are assigned backwards from the last turn (user, assistant, user, ...)
+    because the model always answers the last turn, whatever the history's length. The system
+    message (``system_prompt``, then the persona, then the context; left out when all are empty)
+    is built here, so the renderer shows it under every template without adding it twice.
+    """
+    def parse(row: dict[str, Any]) -> dict[str, Any]:
+        history, response = row.get("history"), row.get("response")
+        persona, context = row.get("persona"), row.get("context")
+        if not _nonempty_strings(history):
+            raise BadRow("expected dialogue field 'history': a non-empty list of non-empty strings "
+                         "(the turns so far, the user's last)")
+        if isinstance(response, str) and response.strip():
+            answer: str | list[str] = response
+        elif _nonempty_strings(response):
+            answer = list(response)
+        else:
+            raise BadRow("expected dialogue field 'response': a non-empty string, or a non-empty list of "
+                         "non-empty strings (several gold responses)")
+        if isinstance(persona, str):
+            persona = [persona]
+        if persona is not None and not (isinstance(persona, list) and all(isinstance(p, str) for p in persona)):
+            raise BadRow("expected dialogue field 'persona': a string or a list of strings")
+        if context is not None and not isinstance(context, str):
+            raise BadRow("expected dialogue field 'context': a string")
+        persona_text = " ".join(p.strip() for p in persona or [] if p.strip())
+        system = [part for part in (system_prompt, persona_text and f"Your persona: {persona_text}", context)
+                  if part and part.strip()]
+        messages = [{"role": "system", "content": "\n".join(system)}] if system else []
+        last = len(history) - 1
+        messages += [{"role": "user" if (last - i) % 2 == 0 else "assistant", "content": turn}
+                     for i, turn in enumerate(history)]
+        return {**row, "question": history[-1], "answer": answer, "messages": messages}
+
+    return parse
+
+
 # ----------------------------------------------------------------------------- quickstart
 
 
@@ -367,6 +419,8 @@ def _file_rows(env_cfg, name: str, path: str | Path) -> Rows:
         return load_rows_from_file(path, _math_row, skip)
     if name == "ifeval":
         return load_rows_from_file(path, _ifeval_row, skip)
+    if name == "dialogue":
+        return load_rows_from_file(path, dialogue_parser(_opt(env_cfg, "system_prompt")), skip)
     return _jsonl_rows(path, _opt(env_cfg, "prompt_field", "question"), env_cfg.get("answer_field", "answer"), skip)
 
 
@@ -382,13 +436,19 @@ def heldout_size(env_cfg, num_rows: int) -> int:
     return size
 
 
+def _prompt_key(row: dict[str, Any]) -> str:
+    # A dialogue's last turn ("hi") recurs across conversations: the whole conversation is the prompt.
+    return json.dumps(row["messages"]) if "messages" in row else str(row["question"])
+
+
 def split_heldout(rows: list[dict[str, Any]], size: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, held-out): ``size`` rows picked by a fixed-seed draw (kept in file order) are held
-    out; training drops them and any other row with the same ``question`` (no leak via duplicates)."""
+    out; training drops them and any other row with the same prompt (``question``, or the whole
+    ``messages`` of a dialogue) so nothing leaks via duplicates."""
     picked = set(random.Random(HELDOUT_SEED).sample(range(len(rows)), size))
     heldout = [r for i, r in enumerate(rows) if i in picked]
-    questions = {str(r["question"]) for r in heldout}
-    train = [r for i, r in enumerate(rows) if i not in picked and str(r["question"]) not in questions]
+    prompts = {_prompt_key(r) for r in heldout}
+    train = [r for i, r in enumerate(rows) if i not in picked and _prompt_key(r) not in prompts]
     return train, heldout
 
 

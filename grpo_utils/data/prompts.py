@@ -34,6 +34,12 @@ class PromptRenderer:
 
     ``template=None`` keeps the older switch: ``chat`` when ``chat`` is true, else ``plain``.
     The ``chat`` attribute is true only for the ``chat`` template.
+
+    A row with ``messages`` (a conversation, e.g. from the ``dialogue`` dataset) is rendered as it
+    is, without ``prompt_format``: ``chat`` passes it to the chat template; ``plain`` writes the
+    system content's lines, then ``User: ...`` / ``Assistant: ...`` lines, then ``Assistant:``;
+    ``r1_zero`` writes the same after its instruction (unless ``system_prompt`` is set, which the
+    dialogue loader has already put into the system message) and ends with ``Assistant: <think>``.
     """
 
     def __init__(self, tokenizer, prompt_format: str, system_prompt: str | None, chat: bool,
@@ -57,6 +63,8 @@ class PromptRenderer:
             raise DataError(f"env.prompt_format refers to {e} which the dataset rows lack") from None
 
     def __call__(self, row: dict[str, Any]) -> str:
+        if "messages" in row:
+            return self._conversation(row["messages"])
         content = self.content(row)
         if self.template == "plain":
             return content
@@ -66,6 +74,21 @@ class PromptRenderer:
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _conversation(self, messages: Any) -> str:
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise DataError("a row's 'messages' must be a non-empty list of {role, content} string mappings")
+        if self.chat:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        speakers = {"user": "User", "assistant": "Assistant"}
+        lines = [m["content"] if m["role"] == "system" else f"{speakers.get(m['role'], m['role'])}: {m['content']}"
+                 for m in messages]
+        if self.template == "plain":
+            return "\n".join([*lines, "Assistant:"])
+        head = [] if self.system_prompt else [R1_ZERO_INSTRUCTION]
+        return "\n".join([*head, *lines, "Assistant: <think>"])
 
 
 def renderer_from_config(env_cfg, tokenizer) -> PromptRenderer:

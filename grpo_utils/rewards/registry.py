@@ -72,7 +72,7 @@ def _text_similarity(o: dict[str, Any]) -> Scorer:
     from grpo_utils.rewards.text_similarity import TextSimilarity
 
     fn = TextSimilarity(**o)
-    keys = ("reward", "f1", *fn.rouge_types, "bleu")
+    keys = ("reward", "f1", *fn.rouge_types, "bleu", fn.distinct_key)
     return Scorer(keys, score=lambda c, row, p: fn(c, row))
 
 
@@ -128,10 +128,12 @@ def _check_text_similarity(o: dict[str, Any]) -> None:
     from grpo_utils.rewards.text_similarity import ROUGE_TYPES
 
     _one_of(o, "rouge_type", ROUGE_TYPES)
-    for name in ("f1_weight", "rouge_weight", "bleu_weight"):
+    weights = ("f1_weight", "rouge_weight", "bleu_weight", "distinct_weight")
+    for name in weights:
         _at_least(o, name, 0)
-    if o["f1_weight"] + o["rouge_weight"] + o["bleu_weight"] <= 0:
-        raise ValueError("f1_weight + rouge_weight + bleu_weight must be > 0")
+    if sum(o[name] for name in weights) <= 0:
+        raise ValueError(f"{' + '.join(weights)} must be > 0")
+    _at_least(o, "distinct_n", 1)
 
 
 def _check_reward_model(o: dict[str, Any]) -> None:
@@ -192,10 +194,12 @@ REWARDS: dict[str, RewardSpec] = {
                    {"format_weight": (0.0, float), "use_all_numbers": (False, bool),
                     "max_expression_chars": (200, int), "max_abs_value": (10**12, int)},
                    _countdown, lambda o: [("numbers",), ("target",)], _check_countdown),
-        RewardSpec("text_similarity", "weighted token F1 / ROUGE / BLEU against a reference field",
+        RewardSpec("text_similarity", "weighted token F1 / ROUGE / BLEU against a reference field, "
+                   "plus the completion's distinct-n",
                    {"f1_weight": (1.0, float), "rouge_weight": (1.0, float), "bleu_weight": (1.0, float),
                     "rouge_type": ("rougeL", str), "reference_field": ("answer", str),
-                    "use_stemmer": (False, bool), "lowercase_bleu": (True, bool), "use_answer_tag": (False, bool)},
+                    "use_stemmer": (False, bool), "lowercase_bleu": (True, bool), "use_answer_tag": (False, bool),
+                    "distinct_weight": (0.0, float), "distinct_n": (2, int)},
                    _text_similarity, lambda o: [(o["reference_field"],)], _check_text_similarity),
         RewardSpec("reward_model", "a sequence-classification model scores prompt + completion (batched)",
                    {"path": (REQUIRED, str), "device": ("cpu", str), "dtype": ("float32", str),

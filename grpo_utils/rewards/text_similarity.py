@@ -1,5 +1,5 @@
-"""Text-similarity reward against a reference answer: SQuAD token F1, ROUGE (rouge-score) and
-sentence BLEU (sacrebleu), combined as a weighted mean."""
+"""Text-similarity reward against a reference answer: SQuAD token F1, ROUGE (rouge-score),
+sentence BLEU (sacrebleu) and the completion's distinct-n, combined as a weighted mean."""
 
 from __future__ import annotations
 
@@ -33,27 +33,48 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-class TextSimilarity:
-    """``reward = (f1_weight * f1 + rouge_weight * rouge + bleu_weight * bleu) / sum of weights``.
+def distinct_n(text: str, n: int) -> float:
+    """Distinct n-grams / all n-grams of one text's normalized tokens (as :func:`token_f1` sees them).
 
-    ``rouge`` is the F-measure of ``rouge_type``; ``bleu`` is sacrebleu's sentence BLEU / 100.
+    Scored per completion, so it rewards a reply that does not repeat itself; it never looks at the
+    reference. A text with fewer than ``n`` tokens has no n-grams and scores 0.0, not 1.0, so empty
+    or one-word replies do not earn full diversity.
+    """
+    tokens = squad_normalize(text).split()
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+class TextSimilarity:
+    """``reward = (f1_weight * f1 + rouge_weight * rouge + bleu_weight * bleu
+    + distinct_weight * distinct) / sum of weights``.
+
+    ``rouge`` is the F-measure of ``rouge_type``; ``bleu`` is sacrebleu's sentence BLEU / 100;
+    ``distinct`` is the completion's :func:`distinct_n` (``distinct_n``-grams), a diversity term
+    that needs no reference (weight 0 by default, so it only counts when asked for).
     The reference is ``row[reference_field]`` (a string, or a list of strings: the best match of
     each metric counts). With ``use_answer_tag`` the content of the last ``<answer>`` tag is
     compared when there is one. Scores: ``f1``, ``rouge1``, ``rougeL`` (and ``rouge_type``'s
-    if another), ``bleu``, ``reward``.
+    if another), ``bleu``, ``distinct{distinct_n}`` (always, whatever its weight), ``reward``.
     """
 
     def __init__(self, f1_weight: float = 1.0, rouge_weight: float = 1.0, bleu_weight: float = 1.0,
                  rouge_type: str = "rougeL", reference_field: str = "answer", use_stemmer: bool = False,
-                 lowercase_bleu: bool = True, use_answer_tag: bool = False):
+                 lowercase_bleu: bool = True, use_answer_tag: bool = False, distinct_weight: float = 0.0,
+                 distinct_n: int = 2):
         from rouge_score import rouge_scorer
 
-        weights = (f1_weight, rouge_weight, bleu_weight)
+        weights = (f1_weight, rouge_weight, bleu_weight, distinct_weight)
         if rouge_type not in ROUGE_TYPES:
             raise ValueError(f"rouge_type={rouge_type!r} is unknown; expected one of {', '.join(ROUGE_TYPES)}")
         if min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError("f1_weight, rouge_weight and bleu_weight must be >= 0 with a positive sum")
+            raise ValueError("f1_weight, rouge_weight, bleu_weight and distinct_weight must be >= 0 "
+                             "with a positive sum")
+        if distinct_n < 1:
+            raise ValueError(f"distinct_n={distinct_n!r} must be >= 1")
         self.weights = weights
+        self.distinct_n = distinct_n
+        self.distinct_key = f"distinct{distinct_n}"
         self.rouge_type = rouge_type
         self.reference_field = reference_field
         self.lowercase_bleu = lowercase_bleu
@@ -78,6 +99,7 @@ class TextSimilarity:
                 rouge[t] = max(rouge[t], float(score.fmeasure))
         bleu = sacrebleu.sentence_bleu(completion, references, lowercase=self.lowercase_bleu).score / 100.0
         bleu = min(max(bleu, 0.0), 1.0)  # sacrebleu can return 100.00000000000004
-        wf, wr, wb = self.weights
-        reward = (wf * f1 + wr * rouge[self.rouge_type] + wb * bleu) / (wf + wr + wb)
-        return {"reward": reward, "f1": f1, **rouge, "bleu": bleu}
+        distinct = distinct_n(completion, self.distinct_n)
+        wf, wr, wb, wd = self.weights
+        reward = (wf * f1 + wr * rouge[self.rouge_type] + wb * bleu + wd * distinct) / (wf + wr + wb + wd)
+        return {"reward": reward, "f1": f1, **rouge, "bleu": bleu, self.distinct_key: distinct}

@@ -15,7 +15,7 @@ from grpo_utils.rewards import RewardFunction, build_reward, extract_final_numbe
 from grpo_utils.rewards.countdown import countdown_reward, extract_expression
 from grpo_utils.rewards.deadline import RewardTimeout, call_with_deadline
 from grpo_utils.rewards.math_answer import gold_answer, last_boxed, math_reward
-from grpo_utils.rewards.text_similarity import squad_normalize, token_f1
+from grpo_utils.rewards.text_similarity import TextSimilarity, distinct_n, squad_normalize, token_f1
 
 try:
     import grpo_utils.rewards.ifeval  # noqa: F401
@@ -248,9 +248,60 @@ def test_text_similarity_exact_values_and_weights():
     assert score["rouge2"] == pytest.approx(0.4)
     assert score["reward"] == pytest.approx((3 * 0.75 + 0.4) / 4)
     (same,), _ = RewardFunction("text_similarity")(["The cat sat on the mat."], [{"answer": "The cat sat on the mat."}])
-    assert same == pytest.approx({"reward": 1.0, "f1": 1.0, "rouge1": 1.0, "rougeL": 1.0, "bleu": 1.0})
+    # distinct2 is always reported; with its default weight 0 it leaves the reward alone
+    assert same == pytest.approx({"reward": 1.0, "f1": 1.0, "rouge1": 1.0, "rougeL": 1.0, "bleu": 1.0,
+                                  "distinct2": 1.0})
     (disjoint,), _ = RewardFunction("text_similarity")(["dogs bark"], [{"answer": "cats meow loudly"}])
-    assert disjoint == {"reward": 0.0, "f1": 0.0, "rouge1": 0.0, "rougeL": 0.0, "bleu": 0.0}
+    assert disjoint == {"reward": 0.0, "f1": 0.0, "rouge1": 0.0, "rougeL": 0.0, "bleu": 0.0, "distinct2": 1.0}
+
+
+def test_distinct_n_by_hand():
+    # x y x y x: unigrams {x, y} of 5; bigrams xy yx xy yx -> {xy, yx} of 4; trigrams xyx yxy xyx -> 2 of 3
+    assert distinct_n("x y x y x", 1) == pytest.approx(2 / 5)
+    assert distinct_n("x y x y x", 2) == pytest.approx(2 / 4)
+    assert distinct_n("x y x y x", 3) == pytest.approx(2 / 3)
+    # normalized as token F1 sees it: "go go go" -> 1 of 3 unigrams, 1 of 2 bigrams
+    assert distinct_n("Go, go, GO!", 1) == pytest.approx(1 / 3)
+    assert distinct_n("Go, go, GO!", 2) == pytest.approx(1 / 2)
+    assert distinct_n("the cat sat on the mat", 2) == 1.0  # articles go: cat sat on mat
+
+
+def test_distinct_n_of_a_completion_shorter_than_n_is_zero():
+    assert distinct_n("hello", 2) == 0.0  # one token: no bigram
+    assert distinct_n("", 1) == 0.0
+    assert distinct_n("The!", 1) == 0.0  # normalizes to nothing
+    reward = RewardFunction("text_similarity", f1_weight=0, rouge_weight=0, bleu_weight=0, distinct_weight=1,
+                            distinct_n=3)
+    (short, long), _ = reward(["hello there", "x y z w"], [{"answer": "x"}, {"answer": "x"}])
+    assert short["reward"] == short["distinct3"] == 0.0
+    assert long["reward"] == long["distinct3"] == 1.0  # trigrams x y z and y z w: both distinct
+
+
+def test_text_similarity_with_all_four_weights_by_hand():
+    reward = RewardFunction("text_similarity", f1_weight=1, rouge_weight=2, bleu_weight=3, distinct_weight=4)
+    (score,), _ = reward(["cat sat cat sat"], [{"answer": "cat sat on mat"}])
+    # F1 and ROUGE-1/L: 2 of 4 tokens match either way (cat, sat; LCS 'cat sat') -> 0.5
+    assert score["f1"] == pytest.approx(0.5) and score["rougeL"] == pytest.approx(0.5)
+    # BLEU: 1-grams 2/4, 2-grams 1/3, 3-grams 0/2 and 4-grams 0/1 smoothed (exp) to 1/4 and 1/4,
+    # equal lengths (no brevity penalty): (1/2 * 1/3 * 1/4 * 1/4) ** (1/4)
+    bleu = (1 / 96) ** 0.25
+    assert score["bleu"] == pytest.approx(bleu)
+    # distinct-2: bigrams (cat sat) (sat cat) (cat sat) -> 2 of 3
+    assert score["distinct2"] == pytest.approx(2 / 3)
+    assert score["reward"] == pytest.approx((1 * 0.5 + 2 * 0.5 + 3 * bleu + 4 * 2 / 3) / 10)
+    assert list(score) == reward.score_keys() == ["reward", "f1", "rouge1", "rougeL", "bleu", "distinct2"]
+    (one,), _ = RewardFunction("text_similarity", distinct_n=1)(["cat sat cat sat"], [{"answer": "cat sat on mat"}])
+    assert one["distinct1"] == pytest.approx(0.5) and "distinct2" not in one
+
+
+def test_text_similarity_class_validates_its_arguments():
+    with pytest.raises(ValueError, match=r"^distinct_n=0 must be >= 1$"):
+        TextSimilarity(distinct_n=0)
+    with pytest.raises(ValueError, match=r"^f1_weight, rouge_weight, bleu_weight and distinct_weight must be >= 0"):
+        TextSimilarity(distinct_weight=-1)
+    with pytest.raises(ValueError, match="with a positive sum"):
+        TextSimilarity(f1_weight=0, rouge_weight=0, bleu_weight=0)
+    assert TextSimilarity(f1_weight=0, rouge_weight=0, bleu_weight=0, distinct_weight=1).weights == (0, 0, 0, 1)
 
 
 def test_text_similarity_reference_field_lists_and_answer_tag():
@@ -393,7 +444,12 @@ def test_call_with_deadline_nested_timer_and_passthrough():
     ({"components": [{"name": "text_similarity", "rouge_type": "rougeX"}]},
      "reward.components[0].rouge_type='rougeX' is unknown; expected one of rouge1, rouge2, rougeL, rougeLsum"),
     ({"components": [{"name": "text_similarity", "f1_weight": 0, "rouge_weight": 0, "bleu_weight": 0}]},
-     "reward.components[0].f1_weight + rouge_weight + bleu_weight must be > 0"),
+     "reward.components[0].f1_weight + rouge_weight + bleu_weight + distinct_weight must be > 0"),
+    ({"name": "text_similarity", "distinct_weight": -1}, "reward.distinct_weight=-1.0 must be >= 0"),
+    ({"name": "text_similarity", "distinct_n": 0}, "reward.distinct_n=0 must be >= 1"),
+    ({"name": "text_similarity", "distinct_n": 1.5}, "reward.distinct_n=1.5 must be an integer"),
+    ({"name": "text_similarity", "distinct_weigth": 1}, "reward.distinct_weigth is not an option of reward "
+                                                        "'text_similarity'; its options: f1_weight"),
     ({"name": "reward_model"}, "reward.path is required by reward 'reward_model'"),
     ({"name": "reward_model", "path": "/nonexistent/rm"}, "reward.path='/nonexistent/rm' does not exist"),
     ({"name": "callable"}, "reward._target_ is required by reward 'callable'"),
