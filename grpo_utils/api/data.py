@@ -41,8 +41,8 @@ class SimplePromptDataset:
 
 
 def as_rows(dataset: Any, name: str) -> list[dict[str, Any]]:
-    """The dataset's rows as dicts with a ``prompt`` (or ``question``) string; one-line
-    :class:`DataError` naming ``name`` and the row otherwise."""
+    """The dataset's rows as dicts with a ``prompt`` string (a row's ``question`` when it has no
+    ``prompt``); one-line :class:`DataError` naming ``name`` and the row otherwise."""
     if dataset is None:
         raise DataError(f"{name} is required")
     if isinstance(dataset, (str, bytes, Mapping)):
@@ -63,17 +63,8 @@ def as_rows(dataset: Any, name: str) -> list[dict[str, Any]]:
         field = next((f for f in PROMPT_FIELDS if f in row), None)
         if field is None or not isinstance(row[field], str) or not row[field].strip():
             raise DataError(f"{name}[{i}] has no non-empty 'prompt' (or 'question') string")
-        rows.append(dict(row))
+        rows.append({"prompt": row[field], **row})
     return rows
-
-
-def prompt_field(rows: list[dict[str, Any]], name: str) -> str:
-    """The field every row holds its prompt in (the same for all rows)."""
-    field = next(f for f in PROMPT_FIELDS if f in rows[0])
-    for i, row in enumerate(rows):
-        if field not in row:
-            raise DataError(f"{name}[{i}] lacks '{field}', which row 0 holds its prompt in")
-    return field
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path, name: str) -> Path:

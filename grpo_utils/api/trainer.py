@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_utils.api.config import GRPOConfig
-from grpo_utils.api.data import as_rows, prompt_field, write_jsonl
+from grpo_utils.api.data import as_rows, write_jsonl
 from grpo_utils.errors import ConfigError
 
 #: The recipes' config directory (the API composes the same files the recipes read).
@@ -82,6 +82,7 @@ class GRPOTrainer:
         self._uses_ray = config.mode == "async" or any(o.replace(" ", "") == "mode.ray=true" for o in config.overrides)
         self._vllm = any(o.replace(" ", "") == "inference_model.backend=vllm" for o in config.overrides)
         self.model, self.tokenizer, model_name = self._policy(model, tokenizer)
+        self._model_name = model_name
         if ref_model is not None and not _is_causal_lm(ref_model):
             raise ConfigError(f"ref_model: expected a causal LM (AutoModelForCausalLM), got {type(ref_model).__name__}")
         self.ref_model = ref_model
@@ -92,13 +93,10 @@ class GRPOTrainer:
             kl_coef = DEFAULT_KL_COEF if kl_coef is None else kl_coef
 
         rows = as_rows(train_dataset, "train_dataset")
-        field = prompt_field(rows, "train_dataset")
         data_dir = self.output_dir / "data"
         train_path = write_jsonl(rows, data_dir / "train.jsonl", "train_dataset")
         if eval_dataset is not None:
             eval_rows = as_rows(eval_dataset, "eval_dataset")
-            if prompt_field(eval_rows, "eval_dataset") != field:
-                raise ConfigError(f"eval_dataset holds its prompts in a different field than train_dataset ('{field}')")
             test_path = write_jsonl(eval_rows, data_dir / "eval.jsonl", "eval_dataset")
         else:
             eval_rows, test_path = [], train_path  # loaded, never evaluated (eval is off below)
@@ -107,11 +105,12 @@ class GRPOTrainer:
 
         steps = config.max_steps or math.ceil(config.num_epochs * math.ceil(len(rows) / config.batch_size))
         group = config.num_generations_per_prompt
-        template = "chat" if getattr(self.tokenizer, "chat_template", None) else "plain"
+        # The chat template when the policy's tokenizer has one (prompts as the model was tuned to see them).
+        template = "chat" if getattr(self._tokenizer_of(model_name), "chat_template", None) else "plain"
         o: dict[str, Any] = {
             "model.name": model_name, "seed": config.seed, "device": config.device,
             "env.dataset": "jsonl", "env.train_path": str(train_path), "env.test_path": str(test_path),
-            "env.prompt_field": field, "env.answer_field": "answer" if has_answer else None,
+            "env.prompt_field": "prompt", "env.answer_field": "answer" if has_answer else None,
             "env.template": template, "env.num_prompts": config.batch_size, "env.group_size": group,
             "generation.max_new_tokens": config.max_new_tokens, "generation.temperature": config.temperature,
             "generation.top_k": config.top_k, "generation.top_p": config.top_p,
@@ -165,6 +164,17 @@ class GRPOTrainer:
             tokenizer.save_pretrained(source)
         return model, tokenizer, source if source else "<in-memory>"
 
+    def _tokenizer_of(self, model_name: str):
+        if self.tokenizer is not None:
+            return self.tokenizer
+        from grpo_utils.models.loading import load_tokenizer, resolve_model_path
+
+        try:
+            return load_tokenizer(resolve_model_path(model_name))
+        except Exception as e:  # a bad path or hub name: one line, before anything else loads
+            raise ConfigError(f"model={model_name!r}: no tokenizer loads from it ({str(e).strip().splitlines()[0]})") \
+                from None
+
     def _reward_config(self, reward_model: Any, reward: Any, reward_tokenizer: Any) -> str | dict:
         """A reward name, or the ``reward:`` mapping of every reward given."""
         items: list[tuple[Any, float]] = []
@@ -203,9 +213,8 @@ class GRPOTrainer:
         if isinstance(r, Mapping):
             return {**dict(r), "label": r.get("label", r.get("name", f"reward{index}"))}
         if _is_classifier(r):
-            tok = reward_tokenizer if reward_tokenizer is not None else self.tokenizer
-            if tok is None:
-                raise ConfigError("reward_tokenizer= is required for a reward model given with a model path")
+            # Without reward_tokenizer= the reward model reads text as the policy's tokenizer splits it.
+            tok = reward_tokenizer if reward_tokenizer is not None else self._tokenizer_of(self._model_name)
             device = str(next(r.parameters()).device)
             if self._uses_ray:  # Ray collectors load it: save it once
                 path = str(self.output_dir / f"reward_model_{index}")

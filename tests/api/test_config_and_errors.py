@@ -152,3 +152,13 @@ def test_simple_prompt_dataset_rows():
     assert len(ds) == 2 and ds[1] == {"prompt": "b", "answer": "2"}
     with pytest.raises(DataError, match=r"^SimplePromptDataset: 2 prompts but 1 answers$"):
         SimplePromptDataset(["a", "b"], answers=["1"])
+
+
+def test_a_model_path_renders_prompts_with_its_chat_template(tiny_dir, tmp_path):
+    trainer = GRPOTrainer(model=str(tiny_dir), config=GRPOConfig(output_dir=str(tmp_path / "o"), batch_size=2,
+                                                                 num_generations_per_prompt=4),
+                          train_dataset=ROWS, reward="numeric_answer")
+    assert trainer.cfg.env.template == "chat"
+    with pytest.raises(ConfigError, match=r"^model='/nonexistent/model': no tokenizer loads from it"):
+        GRPOTrainer(model="/nonexistent/model", config=GRPOConfig(output_dir=str(tmp_path / "p")),
+                    train_dataset=ROWS, reward="numeric_answer")
