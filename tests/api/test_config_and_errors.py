@@ -162,3 +162,14 @@ def test_a_model_path_renders_prompts_with_its_chat_template(tiny_dir, tmp_path)
     with pytest.raises(ConfigError, match=r"^model='/nonexistent/model': no tokenizer loads from it"):
         GRPOTrainer(model="/nonexistent/model", config=GRPOConfig(output_dir=str(tmp_path / "p")),
                     train_dataset=ROWS, reward="numeric_answer")
+
+
+def test_a_datasets_dataset_is_rows(policy, tok, tmp_path):
+    import datasets
+    ds = datasets.Dataset.from_list(ROWS)
+    trainer = make(policy, tok, tmp_path, train_dataset=ds)
+    import json
+
+    written = [json.loads(line) for line in (tmp_path / "out" / "data" / "train.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in written] == [r["question"] for r in ROWS]
+    assert trainer.cfg.env.answer_field == "answer"

@@ -121,3 +121,20 @@ def test_sequence_classifier_reward_model_drives_learning(tmp_path):
     assert len(rewards) == 24
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 1.0, rewards
+
+
+@pytest.mark.ray
+def test_async_mode_from_the_api(tiny_dir, tmp_path):
+    """mode="async": the in-memory model is saved for the Ray collectors, which load it by path."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    out = tmp_path / "async"
+    config = small_config(out, mode="async", overrides=["num_threads=1", "mode.actor_timeout_s=60"])
+    trainer = GRPOTrainer(model=model, tokenizer=tok, config=config, train_dataset=quickstart_rows(20, seed=1),
+                          reward="numeric_answer")
+    assert (out / "initial_model" / "config.json").is_file()
+    trainer.train()
+    lines = [r for r in trainer.history if "reward/mean" in r]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert all("staleness/max" in r for r in lines)
+    assert (out / "final_model" / "model.safetensors").is_file()
