@@ -226,6 +226,7 @@ def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
                                                                             plan.cluster_gpus))
         ray.init(address="local", num_cpus=math.ceil(plan.ray_cpus), num_gpus=math.ceil(plan.ray_gpus),
                  include_dashboard=False, logging_level="WARNING", log_to_driver=True, configure_logging=True)
+        _watch_local_cluster()
     else:
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True, configure_logging=True)
@@ -284,3 +285,28 @@ def shutdown_ray(actors: list) -> None:
         except Exception:  # already dead or never started
             pass
     ray.shutdown()
+    global _WATCH
+    if _WATCH is not None:
+        from grpo_utils.distributed import watchdog
+
+        watch, _WATCH = _WATCH, None
+        watchdog.stop(*watch)
+
+
+#: (watchdog process, session dir) of the local cluster this process started, if any.
+_WATCH = None
+
+
+def _watch_local_cluster() -> None:
+    """Start the watchdog that removes the local cluster (processes and session directory) if this
+    process dies without shutting Ray down (``kill -9``): see :mod:`grpo_utils.distributed.watchdog`."""
+    global _WATCH
+    from ray._private import worker
+
+    from grpo_utils.distributed import watchdog
+
+    # Ray has no public accessor for the session directory of the cluster ray.init started.
+    node = getattr(worker, "_global_node", None)
+    session_dir = node.get_session_dir_path() if node is not None else None
+    if session_dir:
+        _WATCH = (watchdog.start(session_dir), session_dir)
