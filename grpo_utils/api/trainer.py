@@ -274,9 +274,8 @@ class GRPOTrainer:
 
         cfg = self.cfg.copy()
         with open_dict(cfg):
-            cfg.resume = str(resume_from_checkpoint) if isinstance(resume_from_checkpoint, Path) \
-                else bool(resume_from_checkpoint) if resume_from_checkpoint in (None, True, False) \
-                else resume_from_checkpoint
+            resume = resume_from_checkpoint
+            cfg.resume = False if resume is None else str(resume) if isinstance(resume, Path) else resume
         hydra_dir = self.output_dir / ".hydra"  # the resolved config, where the recipes' Hydra writes it
         hydra_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, hydra_dir / "config.yaml", resolve=True)
