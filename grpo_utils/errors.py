@@ -37,6 +37,13 @@ class ModelError(GRPOError):
     kind = "model error"
 
 
+class RewardError(GRPOError, RuntimeError):
+    """A reward failed on every sample for ``reward.stop_after_failed_steps`` calls in a row: the run
+    would only be training on zeros. The message names the reward and its last error."""
+
+    kind = "reward error"
+
+
 class CheckpointError(GRPOError):
     """A checkpoint to resume from is missing or unreadable."""
 

@@ -25,6 +25,13 @@ def section(cls: type, doc: str) -> Any:
     return field(default_factory=cls, metadata={"doc": doc})
 
 
+#: The ``reward:`` section's whole-reward settings (grpo_utils.rewards.function checks them): a
+#: per-sample deadline, a warning when more than this share of a step's samples fail, a stop after
+#: this many steps in a row where every sample fails (0: never), and the largest |score| accepted.
+REWARD_DEFAULTS = {"name": None, "timeout_s": 10, "warn_failure_fraction": 0.5, "stop_after_failed_steps": 3,
+                   "max_abs_score": 1e6}
+
+
 # ----------------------------------------------------------------------------------------- model
 @dataclass
 class ModelConfig:
@@ -262,8 +269,9 @@ class GRPOConfig:
     env: EnvConfig = section(EnvConfig, "prompts: dataset, template, batch shape")
     rollout: Any = key(None, "group: direct | collector (config/rollout/): the engine that generates completions")
     generation: GenerationConfig = section(GenerationConfig, "sampling settings")
-    reward: Any = key({"name": None, "timeout_s": 10},
-                      "name: a reward (null: the dataset's own) and its options, or components: a weighted sum")
+    reward: Any = key(dict(REWARD_DEFAULTS),
+                      "name: a reward (null: the dataset's own) and its options, or components: a weighted sum; "
+                      "timeout_s, warn_failure_fraction, stop_after_failed_steps, max_abs_score: see README Rewards")
     advantage: AdvantageConfig = section(AdvantageConfig, "group-relative advantage (set by the loss preset)")
     shaping: ShapingConfig = section(ShapingConfig, "rollout shaping before advantages (DAPO; set by the preset)")
     train: TrainConfig = section(TrainConfig, "optimizer steps per batch")
@@ -295,7 +303,7 @@ class EvalRunConfig:
                                  "checkpoint), a hub name, or builtin:quickstart")
     env: DataConfig = section(DataConfig, "the dataset and its template")
     generation: SamplingConfig = section(SamplingConfig, "sampling of the k samples (greedy ignores it)")
-    reward: Any = key({"name": None, "timeout_s": 10},
+    reward: Any = key(dict(REWARD_DEFAULTS),
                       "the reward that judges correctness (null: the dataset's own); options with +reward.<option>")
     eval: EvalSettingsConfig = section(EvalSettingsConfig, "what to measure and where to write it")
 

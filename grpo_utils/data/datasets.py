@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo_utils.errors import DataError
+from grpo_utils.rewards.numeric import gsm8k_final_answer  # one parser: the gsm8k reward reads '#### N' too
 
 DATASETS = ("quickstart", "gsm8k", "math", "ifeval", "countdown", "jsonl", "dialogue")
 FILE_DATASETS = ("gsm8k", "math", "ifeval", "jsonl", "dialogue")
@@ -157,11 +158,6 @@ def load_rows_from_file(path: str | Path, parse: Callable[[dict[str, Any]], dict
 
 
 # ----------------------------------------------------------------------------- GSM8K
-
-
-def gsm8k_final_answer(solution: str) -> str:
-    """The number after ``####`` in an official GSM8K solution."""
-    return solution.split("####")[-1].strip().replace(",", "")
 
 
 def _gsm8k_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,11 @@ instruction). ``--option`` values are YAML (``true``, ``0.5``, ``[1, 2]``, ``{a:
 ``--config`` takes a YAML file holding a ``reward:`` section (or just its content), e.g. a
 weighted sum with ``components``. A one-line summary goes to stdout; bad input stops with a
 one-line error and exit status 2.
+
+Every row is scored whatever fails: unlike training, the CLI never stops on
+``reward.stop_after_failed_steps`` nor warns per chunk (``warn_failure_fraction``); rows the
+reward failed on carry ``reward_error``, and when there are any, one line on stderr gives their
+count and the last error (exit status 0: the output is complete).
 """
 
 from __future__ import annotations
@@ -148,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Offline scoring reports every row: no stop rule, and one failure line at the end instead of
+    # a warning per chunk (both validated above all the same).
+    reward.stop_after_failed_steps = 0
+    reward.warn_failure_fraction = 1.0
 
     with_instructions = "ifeval" in names
-    total, correct, failures, timeouts = 0.0, [], 0, 0
+    total, correct, failures, timeouts, last_error = 0.0, [], 0, 0, None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w", encoding="utf-8") as f:
         for start in range(0, len(rows), CHUNK):
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             scores, failed = reward(completions, chunk, prompts)
             failures += failed
             timeouts += reward.last_timeouts
+            last_error = reward.last_error or last_error
             for row, score, error in zip(chunk, scores, reward.last_errors):
                 out = {**row, **score}
                 if error is not None:
@@ -175,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     if correct:
         summary += f", mean correct {sum(correct) / len(correct):.4f}"
     print(f"{summary}, failures {failures} (timeouts {timeouts})")
+    if failures:
+        print(f"warning: reward {reward.name} failed on {failures}/{n} rows (last: {last_error}); "
+              "see their reward_error", file=sys.stderr)
     return 0
 
 

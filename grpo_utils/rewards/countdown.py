@@ -99,6 +99,30 @@ def evaluate(tree: ast.Expression, max_abs_value: int = 10**12) -> Fraction:
     return ev(tree.body)
 
 
+def _exact(value: Any) -> Fraction | None:
+    """``value`` (a number, or a string as JSON may carry one) as an exact fraction; None if it is not one."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return Fraction(str(value).strip())
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def countdown_reference(row: dict[str, Any]) -> tuple[list[int], Fraction]:
+    """The row's ``numbers`` (a non-empty list of integers: ``3``, ``"3"`` and ``3.0`` are 3, ``2.5``
+    is refused rather than truncated) and ``target`` (a number). ValueError naming the field
+    otherwise, so a broken row is a counted failure rather than a silent 0."""
+    numbers = row.get("numbers")
+    exact = [_exact(n) for n in numbers] if isinstance(numbers, (list, tuple)) else []
+    if not exact or any(v is None or v.denominator != 1 for v in exact):
+        raise ValueError(f"reference row['numbers']={numbers!r} must be a non-empty list of integers")
+    target = _exact(row.get("target"))
+    if target is None:
+        raise ValueError(f"reference row['target']={row.get('target')!r} is not a number")
+    return [int(v) for v in exact], target
+
+
 def countdown_reward(completion: str, row: dict[str, Any], format_weight: float = 0.0,
                      use_all_numbers: bool = False, max_expression_chars: int = 200,
                      max_abs_value: int = 10**12) -> dict[str, float]:
@@ -109,8 +133,7 @@ def countdown_reward(completion: str, row: dict[str, Any], format_weight: float 
     expression), ``valid`` (1 when the expression is allowed and uses allowed numbers, whatever
     its value), ``reward = correct + format_weight * format``.
     """
-    numbers = [int(n) for n in row["numbers"]]
-    target = Fraction(str(row["target"]))
+    numbers, target = countdown_reference(row)
     text, tagged = extract_expression(completion)
     fmt = valid = correct = 0.0
     if text is not None:

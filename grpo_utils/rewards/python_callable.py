@@ -12,6 +12,8 @@ from typing import Any
 #: instance), addressable by dotted path in this process only. Ray actors import their rewards,
 #: so they cannot see these; the API saves or refuses what they would need.
 IN_PROCESS = types.SimpleNamespace()
+#: The dotted-path prefix of what :data:`IN_PROCESS` holds (e.g. a ``reward_model.path``).
+IN_PROCESS_PREFIX = f"{__name__}.IN_PROCESS."
 
 
 def register_in_process(obj: Any, name: str) -> str:

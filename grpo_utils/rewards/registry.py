@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from grpo_utils.rewards.python_callable import IN_PROCESS_PREFIX  # a reward_model.path of an in-memory model
+
 REQUIRED = object()
-#: ``reward_model.path`` of a (model, tokenizer) pair registered in this process (the Python API).
-IN_PROCESS_PREFIX = "grpo_utils.rewards.python_callable.IN_PROCESS."
 
 
 @dataclass
@@ -160,11 +160,14 @@ def _check_reward_model(o: dict[str, Any]) -> None:
 
 
 def _check_callable(o: dict[str, Any]) -> None:
+    from grpo_utils.errors import Terminated
     from grpo_utils.rewards.python_callable import import_object
 
     try:
         fn = import_object(o["_target_"])
-    except Exception as e:  # any import failure of user code becomes one config line
+    except BaseException as e:  # any import failure of user code (exit() at import too) is one config line
+        if isinstance(e, (KeyboardInterrupt, Terminated)):
+            raise
         raise ValueError(f"_target_={o['_target_']!r} cannot be imported: {type(e).__name__}: {e}") from None
     if not callable(fn):
         raise ValueError(f"_target_={o['_target_']!r} is not callable")

@@ -40,7 +40,7 @@ class RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from grpo_utils.rewards.registry import IN_PROCESS_PREFIX
+        from grpo_utils.rewards.python_callable import IN_PROCESS_PREFIX
 
         if path.startswith(IN_PROCESS_PREFIX):  # (model, tokenizer) handed over in memory
             from grpo_utils.rewards.python_callable import import_object

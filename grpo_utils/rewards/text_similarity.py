@@ -82,13 +82,23 @@ class TextSimilarity:
         self.rouge_types = tuple(dict.fromkeys(("rouge1", "rougeL", rouge_type)))
         self.scorer = rouge_scorer.RougeScorer(list(self.rouge_types), use_stemmer=use_stemmer)
 
+    def references(self, row: dict[str, Any]) -> list[str]:
+        """The row's reference texts (blank entries of a list dropped). ValueError when the field is
+        missing, None or blank: comparing against ``"None"`` or nothing would be a silent 0."""
+        field = self.reference_field
+        if field not in row:
+            raise ValueError(f"row has no {field!r} (the reference text: text_similarity's reference_field)")
+        reference = row[field]
+        items = reference if isinstance(reference, (list, tuple)) else [reference]
+        references = [str(r) for r in items if r is not None and str(r).strip()]
+        if not references:
+            raise ValueError(f"reference row[{field!r}]={reference!r} is empty")
+        return references
+
     def __call__(self, completion: str, row: dict[str, Any]) -> dict[str, float]:
         import sacrebleu
 
-        reference = row[self.reference_field]
-        references = [str(r) for r in reference] if isinstance(reference, (list, tuple)) else [str(reference)]
-        if not references:
-            raise ValueError(f"row[{self.reference_field!r}] is an empty list")
+        references = self.references(row)
         if self.use_answer_tag:
             tagged = last_tag_content(completion, "answer")
             completion = tagged.strip() if tagged is not None else completion

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, SHARED_DATA
+
+GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"  # ../shared/data from the repo root
 
 try:
     import grpo_utils.rewards.ifeval  # noqa: F401
@@ -50,6 +52,55 @@ def test_gsm8k_end_to_end(tmp_path):
     assert scored == [{**rows[0], "reward": 1.5, "correct": 1.0, "format": 1.0},
                       {**rows[1], "reward": 0.0, "correct": 0.0, "format": 0.0},
                       {**rows[2], "reward": 1.5, "correct": 1.0, "format": 1.0}]
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "numeric_answer"])
+def test_official_gsm8k_rows_answering_themselves_all_score_one(tmp_path, name):
+    """Rows as GSM8K ships them (``answer``: the worked solution ending in ``#### N``), each scored
+    with its own answer as the completion: the reward reads the reference itself."""
+    if not GSM8K_TEST.is_file():
+        pytest.skip(f"GSM8K data not present at {GSM8K_TEST}")
+    rows = read_jsonl(GSM8K_TEST)
+    src = write_jsonl(tmp_path / "official.jsonl", [{**r, "completion": r["answer"]} for r in rows])
+    out = tmp_path / "scored.jsonl"
+    proc = run_cli("--reward", name, "--input", src, "--output", out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (f"scored {len(rows)} rows with {name} -> {out}: mean reward 1.0000, "
+                                   "mean correct 1.0000, failures 0 (timeouts 0)")
+    assert proc.stderr == ""
+    scored = read_jsonl(out)
+    assert len(scored) == len(rows) == 1319
+    assert all(s["reward"] == 1.0 and s["correct"] == 1.0 and "reward_error" not in s for s in scored)
+
+
+def test_failing_rows_are_reported_not_fatal(tmp_path):
+    """Offline scoring never stops on the consecutive-failure rule: every row is written, failed ones
+    with their reason, and one stderr line counts them (a user reward calling exit included)."""
+    (tmp_path / "cli_exit_rewards.py").write_text(textwrap.dedent('''
+        import sys
+
+        def leaves(prompt, completion, **row):
+            if row["id"] % 2:
+                sys.exit(3)
+            return 1.0
+    '''))
+    rows = [{"prompt": "p", "completion": "c", "id": i} for i in range(600)]  # 3 chunks of the CLI
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "scored.jsonl"
+    proc = run_cli("--reward", "callable", "--option", "_target_=cli_exit_rewards.leaves", "--input", src,
+                   "--output", out, pythonpath=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("mean reward 0.5000, failures 300 (timeouts 0)")
+    assert proc.stderr == ("warning: reward callable failed on 300/600 rows (last: SystemExit(3) raised by the "
+                           "reward); see their reward_error\n")
+    scored = read_jsonl(out)
+    assert len(scored) == 600 and scored[1]["reward_error"] == "callable: SystemExit(3) raised by the reward"
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"completion": "#### 4", "answer": "abc"}] * 600)
+    proc = run_cli("--reward", "gsm8k", "--input", bad, "--output", out)
+    assert proc.returncode == 0 and len(read_jsonl(out)) == 600  # 3 all-failing chunks: no RewardError
+    assert proc.stderr == ("warning: reward gsm8k failed on 600/600 rows (last: ValueError: reference "
+                           "row['answer']='abc' is not a number); see their reward_error\n")
 
 
 def test_countdown_end_to_end(tmp_path):

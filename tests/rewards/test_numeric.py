@@ -6,12 +6,15 @@ import re
 
 import pytest
 
+from grpo_utils.data import datasets
 from grpo_utils.data.datasets import _gsm8k_rows
 from grpo_utils.rewards import (
     RewardFunction,
     extract_final_number,
+    gsm8k_final_answer,
     normalize_number,
     numeric_answer_reward,
+    reference_number,
 )
 from tests.helpers import SHARED_DATA
 
@@ -108,3 +111,53 @@ def test_gsm8k_gold_solutions_score_one_and_perturbed_score_zero():
     bad_wrong = [i for i, s in enumerate(wrong_scores) if s["reward"] != 0.0]
     assert bad_gold == [] and bad_wrong == []
     assert all(s["format"] == 1.0 for s in gold_scores)
+
+
+# ----------------------------------------------------------------------------- the reference itself
+
+OFFICIAL = "Janet has 16 eggs and eats 3, bakes with 4: 16 - 3 - 4 = <<16-3-4=9>>9.\nShe sells them at $2: 18.\n#### 18"
+
+
+@pytest.mark.parametrize("answer, number", [
+    ("18", "18"), (18, "18"), ("1,234", "1234"), ("$7.00", "7"),
+    (OFFICIAL, "18"),                                      # the official GSM8K solution: after '####'
+    ("step 1 #### 5\nfixed: #### 1,250", "1250"),          # the last '####' counts
+    ("#### -3", "-3"),
+])
+def test_reference_number_reads_numbers_and_official_gsm8k_answers(answer, number):
+    assert reference_number(answer) == number
+
+
+@pytest.mark.parametrize("answer, message", [
+    ("abc", "reference row['answer']='abc' is not a number"),
+    ("", "reference row['answer'] is empty"),
+    ("   ", "reference row['answer'] is empty"),
+    (None, "reference row['answer']=None is not a number"),
+    (True, "reference row['answer']=True is not a number"),
+    ("so she has eggs.\n#### eighteen", "reference row['answer']='#### eighteen' is not a number (after its last '####')"),
+    ("nan", "reference row['answer']='nan' is not a number"),
+])
+def test_unreadable_reference_raises(answer, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        reference_number(answer)
+
+
+def test_the_dataset_loader_and_the_reward_share_one_parser():
+    assert datasets.gsm8k_final_answer is gsm8k_final_answer
+    assert gsm8k_final_answer(OFFICIAL) == "18" and gsm8k_final_answer("a #### 1 b #### 1,000 ") == "1000"
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "numeric_answer"])
+def test_official_format_reference_scores_and_bad_references_are_counted_failures(name):
+    reward = RewardFunction(name, format_weight=0.5)
+    rows = [{"answer": OFFICIAL}, {"answer": OFFICIAL}, {"answer": "abc"}, {"answer": ""}, {"question": "none"}]
+    scores, failures = reward(["so #### 18", "I get 17", "#### 18", "#### 18", "#### 18"], rows)
+    assert scores[:2] == [{"reward": 1.5, "correct": 1.0, "format": 1.0}, {"reward": 0.0, "correct": 0.0, "format": 0.0}]
+    assert failures == 3 and scores[2:] == [{"reward": 0.0, "correct": 0.0, "format": 0.0}] * 3
+    assert reward.last_errors == [
+        None, None,
+        f"{name}: ValueError: reference row['answer']='abc' is not a number",
+        f"{name}: ValueError: reference row['answer'] is empty",
+        f"{name}: ValueError: row has no 'answer' (the reference number)",
+    ]
+    assert reward.last_error == "ValueError: row has no 'answer' (the reference number)"  # the name is said once

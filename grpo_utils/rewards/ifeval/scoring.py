@@ -72,6 +72,8 @@ def check_instructions(response: str, instruction_id_list: Sequence[str], kwargs
 
 
 def _row_results(completion: str, row: Mapping[str, Any]) -> dict[str, list[bool]]:
+    if "instruction_id_list" not in row:  # a clear counted failure, not a bare KeyError
+        raise ValueError("row has no 'instruction_id_list' (the instructions to check)")
     return check_instructions(completion, row["instruction_id_list"], row.get("kwargs"), row.get("prompt"))
 
 
