@@ -51,7 +51,8 @@ def rows(env_cfg: DictConfig, heldout_size: int):
 
     train, test = load_split(env_cfg, "train"), load_split(env_cfg, "test")
     if heldout_size:
-        test = Rows(test[:heldout_size], skipped=test.skipped, source=test.source)
+        lines = None if test.lines is None else test.lines[:heldout_size]
+        test = Rows(test[:heldout_size], skipped=test.skipped, source=test.source, lines=lines)
     if train.skipped or test.skipped:
         print(f"skipped {train.skipped + test.skipped} malformed rows (env.skip_bad_rows=true)")
     return train, test
@@ -67,6 +68,38 @@ def renderer(env_cfg: DictConfig, tokenizer, sample_row: dict):
     except DataError as e:
         raise ConfigError(str(e)) from None
     return render
+
+
+def prompts_that_fit(cfg: DictConfig, model, tokenizer, render, report: bool = True, **splits) -> tuple:
+    """Each split's rows (``train=rows, test=rows``; returned in that order) whose rendered prompt
+    leaves ``generation.max_new_tokens`` of the model's context (``max_position_embeddings``, or
+    the tokenizer's ``model_max_length``; vLLM's ``inference_model.max_model_len`` when smaller).
+    A longer prompt is a :class:`DataError` naming ``file:line``, or with ``env.skip_bad_rows=true``
+    is skipped and counted in the split's ``.skipped``."""
+    from grpo_utils.data.prompts import context_length, fit_to_context
+
+    context = context_length(getattr(model, "config", None), tokenizer)
+    engine_len = cfg.inference_model.max_model_len if cfg.inference_model.backend == "vllm" else None
+    if engine_len is not None and (context is None or engine_len < context):
+        context, whose = engine_len, f"inference_model.max_model_len={engine_len}"
+    else:
+        whose = f"the model's context of {context} tokens"
+    if context is None:
+        return tuple(splits.values())
+    new_tokens = cfg.generation.max_new_tokens
+    budget = context - new_tokens
+    if budget < 1:
+        raise ConfigError(f"generation.max_new_tokens={new_tokens} leaves no room for a prompt in {whose}")
+    why = f"{whose} leaves {budget} for a prompt after generation.max_new_tokens={new_tokens}"
+    fitted = []
+    for split, rows in splits.items():
+        fit = fit_to_context(rows, render, tokenizer, budget, bool(cfg.env.skip_bad_rows),
+                             f"env.dataset={cfg.env.dataset} ({split} split)", why)
+        if report and fit.skipped > rows.skipped:
+            print(f"skipped {fit.skipped - rows.skipped} {split} rows whose prompt is too long: {why} "
+                  "(env.skip_bad_rows=true)")
+        fitted.append(fit)
+    return tuple(fitted)
 
 
 def resume_checkpoint(resume, run_dir: Path) -> Path | None:

@@ -52,8 +52,10 @@ def model(tok):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny model and tokenizer saved as a Hugging Face directory (hidden size 32, one layer).
-    Runs read it and write elsewhere, so one copy serves the whole session."""
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=1)
+    Runs read it and write elsewhere, so one copy serves the whole session. Its context (8192
+    positions, one token per byte) holds every prompt of the shared GSM8K, MATH and IFEval files,
+    which runs check against it (rotary positions: no weights depend on it)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32, num_layers=1, max_positions=8192)
 
 
 @pytest.fixture(scope="session")

@@ -158,6 +158,13 @@ class GRPOTrainer:
             tokenizer = load_tokenizer(source)
         if not callable(getattr(tokenizer, "apply_chat_template", None)) or not callable(tokenizer):
             raise ConfigError(f"tokenizer: expected a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+        if source and not Path(source).expanduser().is_dir():
+            from grpo_utils.config.validate import check_model_name
+
+            try:
+                check_model_name(source)
+            except ConfigError:  # a local path that is gone: the weights are the in-memory ones
+                source = ""
         if self._uses_ray or self._vllm:  # another process or engine loads the weights: give it a directory
             source = str(self.output_dir / "initial_model")
             model.save_pretrained(source)

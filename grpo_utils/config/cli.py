@@ -1,6 +1,7 @@
 """The command line, checked before Hydra composes it: a key that does not exist here (a typo, a
-key this project names differently, or TorchRL's name for one) or a value of the wrong type stops
-the run with one line naming the key to use, instead of Hydra's ``Key '...' is not in struct``.
+key this project names differently, or TorchRL's name for one), a value of the wrong type or an
+override Hydra's grammar cannot parse stops the run with one line naming the key to use, instead of
+Hydra's ``Key '...' is not in struct`` or its multi-line parse error.
 """
 
 from __future__ import annotations
@@ -122,10 +123,12 @@ def check_command_line(argv: list[str], config_dir: str | Path, default_config: 
     import grpo_utils.config  # noqa: F401  (registers the schema)
 
     config_name, args = _split_argv(argv)
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(args)
+        parsed = parser.parse_overrides(args)
     except Exception:
-        return  # Hydra reports its own syntax errors
+        _syntax_error(parser, args)
+        return
     values, groups, adds = [], [], []
     for override in parsed:
         key = override.key_or_group
@@ -155,6 +158,20 @@ def check_command_line(argv: list[str], config_dir: str | Path, default_config: 
         _check_key(base, key)
         for choice in choices:
             _check_value(base, key, choice)
+
+
+def _syntax_error(parser, args: list[str]) -> None:
+    """Raise :class:`ConfigError` naming the first override Hydra's grammar refuses (instead of
+    Hydra's multi-line message)."""
+    for arg in args:
+        try:
+            parser.parse_overrides([arg])
+        except Exception as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if detail.endswith(arg):  # "LexerNoViableAltException: <the override>"
+                detail = detail[: -len(arg)].rstrip(": ")
+            raise ConfigError(f"cannot parse the override {arg} ({detail}); quote a value with special "
+                              "characters, e.g. key='~/path'") from None
 
 
 def _check_key(cfg: DictConfig, key: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,11 +16,14 @@ from grpo_utils.algo.shaping import RolloutShaping
 from grpo_utils.data.datasets import DATASET_REWARDS, DataError, validate_env
 from grpo_utils.distributed.resources import check_mode_options
 from grpo_utils.errors import ConfigError
-from grpo_utils.models.loading import DTYPES
+from grpo_utils.models.loading import BUILTIN_PREFIX, DTYPES
 from grpo_utils.rewards import plan_reward
 
 LOGGERS = ("none", "wandb")
 OPTIMIZERS = ("AdamW",)
+DEVICES = "auto, cpu, cuda or cuda:N"
+# Seeds every seeded library accepts: numpy's and PYTHONHASHSEED's range (python and torch take more).
+SEED_MAX = 2**32 - 1
 
 
 def _require(ok: bool, msg: str) -> None:
@@ -39,6 +43,8 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(mode == "async" or cfg.mode.ray or cfg.mode.sync_iter,
              "mode.sync_iter=false needs mode.ray=true: locally the generator is the training module, so "
              "there is no separate generator to run ahead (or use grpo-async.py)")
+    _require(0 <= cfg.seed <= SEED_MAX, f"seed={cfg.seed} must be in [0, 2**32-1] (numpy and PYTHONHASHSEED "
+                                        "accept no other seeds)")
     _require(cfg.logger.backend in LOGGERS,
              f"logger.backend={cfg.logger.backend!r} is unknown; expected one of {', '.join(LOGGERS)}")
     _require(OmegaConf.select(cfg, "logger.log_every", default=1) >= 1,
@@ -211,19 +217,50 @@ def reward_config(cfg: DictConfig) -> dict:
     return reward
 
 
+def check_model_name(name: str) -> None:
+    """``model.name`` that names a local directory (it exists, or it is written as a path: absolute,
+    ``./``, ``../``, ``~``, or more parts than a hub ``org/name``) must be a model directory
+    (``config.json``); anything else is left to the hub. No network."""
+    if name.startswith(BUILTIN_PREFIX):
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _require((path / "config.json").is_file(),
+                 f"model.name={name} is a directory without config.json; expected a Hugging Face model directory "
+                 "(e.g. a run's final_model/ or checkpoints/step_<N>/) or a hub name org/name")
+        return
+    _require(not path.exists(), f"model.name={name} is a file; expected a model directory or a hub name org/name")
+    looks_local = (name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+                   or name.count(os.sep) > 1 or (os.altsep is not None and os.altsep in name))
+    _require(not looks_local, f"model.name={name}: no such directory; expected a local model directory or a hub "
+                              "name org/name")
+
+
 def resolve_device(name: str) -> torch.device:
+    """``device``: auto (cuda when available), cpu, cuda or cuda:N of this machine; anything else
+    (another torch device type, a GPU that is not there) is a :class:`ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a torch device; expected auto, cpu, cuda or cuda:N") from None
-    _require(device.type != "cuda" or torch.cuda.is_available(), f"device={name} but CUDA is not available")
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device={name!r} is not a torch device; expected {DEVICES}") from None
+    _require(device.type in ("cpu", "cuda"), f"device={name!r} is not supported; expected {DEVICES}")
+    if device.type == "cuda":
+        _require(torch.cuda.is_available(), f"device={name} but CUDA is not available; expected auto or cpu here")
+        count = torch.cuda.device_count()
+        _require(device.index is None or device.index < count,
+                 f"device={name} but this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}")
     return device
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (and ``PYTHONHASHSEED`` for child processes, unless set).
+    ``seed`` >= 0 (the config's is checked to be in [0, 2**32-1]; derived seeds such as a
+    collector's may exceed it: numpy and PYTHONHASHSEED get it modulo 2**32)."""
+    if seed < 0:
+        raise ConfigError(f"seed={seed} must be in [0, 2**32-1]")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    os.environ.setdefault("PYTHONHASHSEED", str(seed % 2**32))

@@ -27,6 +27,7 @@ Malformed rows raise :class:`DataError` naming ``file:line`` and what was expect
 
 from __future__ import annotations
 
+import codecs
 import json
 import random
 import re
@@ -51,6 +52,7 @@ SPLITS = ("train", "test")
 # seeds (and the evaluation script) always hold out the same rows.
 HELDOUT_SEED = 0
 
+QUICKSTART_DEFAULTS = {"num_train": 5000, "num_test": 200}
 COUNTDOWN_DEFAULTS = {"num_train": 10000, "num_test": 200, "seed": 0, "min_numbers": 3, "max_numbers": 4,
                       "max_number": 99, "max_target": 999}
 
@@ -61,16 +63,23 @@ class BadRow(ValueError):
 
 class Rows(list):
     """The rows of one split: a plain list, plus ``skipped`` (malformed rows dropped from this
-    split's file under ``env.skip_bad_rows=true``) and ``source`` (the file, or ``generated``).
+    split's file under ``env.skip_bad_rows=true``), ``source`` (the file, or ``generated``) and,
+    for a file, ``lines`` (each row's line number).
 
     A held-out split cut from the training file reports ``skipped=0``: the file's malformed rows
     are counted once, on the training split.
     """
 
-    def __init__(self, rows=(), skipped: int = 0, source: str = ""):
+    def __init__(self, rows=(), skipped: int = 0, source: str = "", lines: list[int] | None = None):
         super().__init__(rows)
         self.skipped = skipped
         self.source = source
+        #: The file line of each row (rows read from a file), so a later check can name ``file:line``.
+        self.lines = None if lines is None else list(lines)
+
+    def where(self, i: int) -> str | None:
+        """``file:line`` of row ``i``, or None when the rows do not come from a file."""
+        return f"{self.source}:{self.lines[i]}" if self.lines is not None else None
 
 
 def _opt(cfg, key: str, default: Any = None) -> Any:
@@ -91,9 +100,17 @@ def _opt(cfg, key: str, default: Any = None) -> Any:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
-    """(line number, row or BadRow) for every non-blank line of ``path``."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(line number, row or BadRow) for every non-blank line of ``path``: a line that is not UTF-8,
+    not JSON or not an object is a BadRow. A UTF-8 byte-order mark at the start is ignored."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, BadRow(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)")
+                continue
             if not line.strip():
                 continue
             try:
@@ -139,13 +156,14 @@ def load_rows_from_file(path: str | Path, parse: Callable[[dict[str, Any]], dict
     ``DataError("<file>:<line>: <what was expected>")``, or is skipped and counted with ``skip_bad``.
     """
     path = _check_file(path)
-    rows, skipped, seen = [], 0, 0
+    rows, lines, skipped, seen = [], [], 0, 0
     for lineno, row in _iter_jsonl(path):
         seen += 1
         try:
             if isinstance(row, BadRow):
                 raise row
             rows.append(parse(row))
+            lines.append(lineno)
         except BadRow as e:
             if not skip_bad:
                 raise DataError(f"{path}:{lineno}: {e}") from None
@@ -154,15 +172,26 @@ def load_rows_from_file(path: str | Path, parse: Callable[[dict[str, Any]], dict
         raise DataError(f"{path}: no rows")
     if not rows:
         raise DataError(f"{path}: no valid rows ({skipped} malformed rows skipped)")
-    return Rows(rows, skipped=skipped, source=str(path))
+    return Rows(rows, skipped=skipped, source=str(path), lines=lines)
 
 
 # ----------------------------------------------------------------------------- GSM8K
 
 
+def _json_type(value: Any) -> str:
+    """How a JSON value is named in an error: 'missing', 'null', 'a list', ..."""
+    if value is None:
+        return "missing or null"
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
 def _gsm8k_row(row: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(row.get("question"), str) or "####" not in str(row.get("answer", "")):
-        raise BadRow("expected GSM8K fields 'question' and 'answer' (ending in '#### N')")
+    question, answer = row.get("question"), row.get("answer")
+    if not isinstance(question, str) or not isinstance(answer, str) or "####" not in answer:
+        got = "".join(f"; '{k}' is {_json_type(v)}" for k, v in (("question", question), ("answer", answer))
+                      if not isinstance(v, str))
+        raise BadRow(f"expected GSM8K fields 'question' and 'answer' (ending in '#### N'), both strings{got}")
     return {**row, "solution": row["answer"], "answer": gsm8k_final_answer(row["answer"])}
 
 
@@ -217,6 +246,8 @@ def _math_row(row: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(problem, str) or not problem.strip():
         raise BadRow(expected)
     answer = row.get("answer")
+    if isinstance(answer, (bool, list, dict)):
+        raise BadRow(f"{expected}; 'answer' is {_json_type(answer)}, expected a string or a number")
     if answer is None or not str(answer).strip():
         solution = row.get("solution")
         answer = last_boxed_answer(solution) if isinstance(solution, str) else None
@@ -496,9 +527,10 @@ def load_split(env_cfg, split: str) -> Rows:
     if not holdout:
         return rows
     train, heldout = split_heldout(rows, heldout_size(env_cfg, len(rows)))
+    line_of = {id(row): line for row, line in zip(rows, rows.lines or ())}
     if split == "test":
-        return Rows(heldout, skipped=0, source=rows.source)
-    return Rows(train, skipped=rows.skipped, source=rows.source)
+        return Rows(heldout, skipped=0, source=rows.source, lines=[line_of.get(id(r)) for r in heldout])
+    return Rows(train, skipped=rows.skipped, source=rows.source, lines=[line_of.get(id(r)) for r in train])
 
 
 def is_user_dataset(name) -> bool:
@@ -531,24 +563,29 @@ def validate_env(env_cfg, splits: tuple[str, ...] = SPLITS) -> None:
     template = _opt(env_cfg, "template")
     if template is not None and template not in TEMPLATES:
         raise DataError(f"env.template={template!r} is unknown; expected one of {', '.join(TEMPLATES)}")
-    if name == "countdown":
-        c = {k: _opt(_opt(env_cfg, "countdown"), k, v) for k, v in COUNTDOWN_DEFAULTS.items()}
-        for key in ("num_train", "num_test"):
-            if c[key] < 1:
-                raise DataError(f"env.countdown.{key}={c[key]} must be >= 1")
-        if not 2 <= c["min_numbers"] <= c["max_numbers"]:
-            raise DataError(f"env.countdown.min_numbers={c['min_numbers']} must be >= 2 and <= "
-                            f"env.countdown.max_numbers={c['max_numbers']}")
-        for key in ("max_number", "max_target"):
-            if c[key] < 1:
-                raise DataError(f"env.countdown.{key}={c[key]} must be >= 1")
-    if name not in FILE_DATASETS:
-        return
+    # The generated datasets' sizes and the held-out share are checked whatever the dataset: a value
+    # out of range is a mistake even where it is not used.
+    q = {k: _opt(_opt(env_cfg, "quickstart"), k, v) for k, v in QUICKSTART_DEFAULTS.items()}
+    for key in ("num_train", "num_test"):
+        if q[key] < 1:
+            raise DataError(f"env.quickstart.{key}={q[key]} must be >= 1")
+    c = {k: _opt(_opt(env_cfg, "countdown"), k, v) for k, v in COUNTDOWN_DEFAULTS.items()}
+    for key in ("num_train", "num_test"):
+        if c[key] < 1:
+            raise DataError(f"env.countdown.{key}={c[key]} must be >= 1")
+    if not 2 <= c["min_numbers"] <= c["max_numbers"]:
+        raise DataError(f"env.countdown.min_numbers={c['min_numbers']} must be >= 2 and <= "
+                        f"env.countdown.max_numbers={c['max_numbers']}")
+    for key in ("max_number", "max_target"):
+        if c[key] < 1:
+            raise DataError(f"env.countdown.{key}={c[key]} must be >= 1")
     count, fraction = _opt(env_cfg, "heldout_count", 0), _opt(env_cfg, "heldout_fraction", 0.0)
     if count < 0:
         raise DataError(f"env.heldout_count={count} must be >= 0")
     if not 0 <= fraction < 1:
         raise DataError(f"env.heldout_fraction={fraction} must be in [0, 1)")
+    if name not in FILE_DATASETS:
+        return
     holdout = bool(count or fraction)
     test_path = _opt(env_cfg, "test_path")
     if test_path is not None and holdout:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from grpo_utils.data.datasets import TEMPLATES, DataError, _opt
+from grpo_utils.data.datasets import TEMPLATES, DataError, Rows, _opt
 
 R1_ZERO_INSTRUCTION = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
@@ -16,7 +16,8 @@ R1_ZERO_INSTRUCTION = (
     "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
     "<answer> answer here </answer>."
 )
-
+# transformers' model_max_length when a tokenizer does not know its context (int(1e30)): not a length.
+UNKNOWN_LENGTH = 10**9
 
 
 class PromptRenderer:
@@ -95,6 +96,58 @@ def renderer_from_config(env_cfg, tokenizer) -> PromptRenderer:
     """The renderer an ``env:`` config section describes (``template`` null follows ``chat_template``)."""
     return PromptRenderer(tokenizer, _opt(env_cfg, "prompt_format", "{question}"), _opt(env_cfg, "system_prompt"),
                           bool(_opt(env_cfg, "chat_template", True)), template=_opt(env_cfg, "template"))
+
+
+def context_length(model_config, tokenizer) -> int | None:
+    """The model's context in tokens: the config's ``max_position_embeddings``, else the
+    tokenizer's ``model_max_length`` when it is a real length; None when neither says."""
+    for n in (getattr(model_config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)):
+        if isinstance(n, int) and not isinstance(n, bool) and 0 < n < UNKNOWN_LENGTH:
+            return n
+    return None
+
+
+def fit_to_context(rows: Rows, render, tokenizer, budget: int, skip_bad: bool, where: str,
+                   why: str) -> Rows:
+    """The rows whose rendered prompt is at most ``budget`` tokens (tokenized as the rollout does).
+
+    A longer prompt raises :class:`DataError` naming its ``file:line`` (``where`` and the row
+    index for rows not read from a file) and the lengths (``why`` says where the budget comes
+    from), or with ``skip_bad`` is dropped and counted in the returned rows' ``skipped``. A prompt
+    of more characters than ``budget`` tokens can cover (the vocabulary's longest token times
+    ``budget``) is too long without being tokenized."""
+    vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else {}
+    max_chars = budget * max(1, max(map(len, vocab), default=64))
+    texts = []
+    for i, row in enumerate(rows):
+        try:
+            texts.append(render(row))
+        except DataError as e:
+            raise DataError(f"{rows.where(i) or f'{where}: row {i}'}: {e}") from None
+    lengths: dict[str, int] = {}  # distinct texts short enough to be worth tokenizing
+    pending = list(dict.fromkeys(t for t in texts if len(t) <= max_chars))
+    for start in range(0, len(pending), 1024):
+        chunk = pending[start:start + 1024]
+        ids = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        lengths.update(zip(chunk, map(len, ids)))
+    keep, lines, too_long = [], [], 0
+    for i, (row, text) in enumerate(zip(rows, texts)):
+        n = lengths.get(text)
+        if n is not None and n <= budget:
+            keep.append(row)
+            if rows.lines is not None:
+                lines.append(rows.lines[i])
+            continue
+        if not skip_bad:
+            size = f"{n} tokens" if n is not None else f"{len(text)} characters, certainly more than {budget} tokens"
+            raise DataError(f"{rows.where(i) or f'{where}: row {i}'}: the prompt is {size}; {why} "
+                            "(env.skip_bad_rows=true skips such rows)")
+        too_long += 1
+    if not keep:
+        source = rows.source if rows.lines is not None else where
+        raise DataError(f"{source}: no prompt fits ({too_long} rows too long; {why})")
+    return Rows(keep, skipped=rows.skipped + too_long, source=rows.source,
+                lines=None if rows.lines is None else lines)
 
 
 class PromptStream:

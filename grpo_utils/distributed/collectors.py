@@ -84,10 +84,13 @@ class RolloutWorker:
         self.cfg = cfg
         self.advantages = build.advantage_stage(cfg, self.loss_fn)
         # Each collector walks its own seeded permutation of the training rows; collector 0 the
-        # same one as the local loop, so a run can switch between mode.ray=false/true on resume.
-        self.stream = PromptStream(load_split(cfg.env, "train"), cfg.env.num_prompts,
-                                   seed=cfg.seed + 1000 * worker_index, shuffle=cfg.env.shuffle)
-        renderer = build.renderer(cfg.env, tokenizer, self.stream.rows[0])
+        # same one as the local loop (the same rows: those whose prompt fits the context), so a run
+        # can switch between mode.ray=false/true on resume.
+        rows = load_split(cfg.env, "train")
+        renderer = build.renderer(cfg.env, tokenizer, rows[0])
+        (rows,) = build.prompts_that_fit(cfg, self.model, tokenizer, renderer, report=False, train=rows)
+        self.stream = PromptStream(rows, cfg.env.num_prompts, seed=cfg.seed + 1000 * worker_index,
+                                   shuffle=cfg.env.shuffle)
         self.rollout = build.rollout(cfg, self.model, tokenizer, renderer, build.reward(cfg), self.stream,
                                      self.loss_fn, seed=seed, colocated=False)
         self.micro_batch_size = cfg.train.optim_batch_size // cfg.train.grad_accum_steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -13,14 +14,14 @@ BUILTIN_PREFIX = "builtin:"
 
 def resolve_model_path(name: str) -> str:
     """``builtin:quickstart`` builds (once) the tiny warm-started model; anything else is passed
-    to ``from_pretrained`` as is (a local directory or a hub name)."""
+    to ``from_pretrained`` (a local directory, ``~`` expanded, or a hub name)."""
     if name == "builtin:quickstart":
         from grpo_utils.models.quickstart import ensure_quickstart_model
 
         return str(ensure_quickstart_model())
     if name.startswith(BUILTIN_PREFIX):
         raise ValueError(f"model.name={name!r} is unknown; the only builtin is 'builtin:quickstart'")
-    return name
+    return os.path.expanduser(name) if name.startswith("~") else name
 
 
 def load_tokenizer(path: str):

@@ -68,12 +68,14 @@ def build_model(
 
 
 def save_tiny(path: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
-              num_heads: int = 4) -> Path:
+              num_heads: int = 4, max_positions: int = 512) -> Path:
     """Build and save an untrained tiny model + tokenizer (used by tests and the benchmark).
-    vLLM's CPU attention needs a head size of 64 or more (``hidden_size / num_heads``)."""
+    vLLM's CPU attention needs a head size of 64 or more (``hidden_size / num_heads``).
+    ``max_positions`` is the context prompts are checked against (one token per byte)."""
     path = Path(path)
     tok = build_tokenizer()
-    model = build_model(tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, seed=seed)
+    model = build_model(tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                        max_positions=max_positions, seed=seed)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(path)
     tok.save_pretrained(path)

@@ -63,6 +63,8 @@ class GRPOLoop:
         if self.loss_fn.needs_reference:
             ref_model = build.reference(self.model if given_ref is None else given_ref, self.device)
         self.renderer = build.renderer(cfg.env, self.tokenizer, self.train_rows[0])
+        self.train_rows, self.heldout_rows = build.prompts_that_fit(cfg, self.model, self.tokenizer, self.renderer,
+                                                                    train=self.train_rows, test=self.heldout_rows)
         self.trainer = build.trainer(cfg, self.model, self.loss_fn, ref_model)
         saved: dict[str, Any] = {}
         if resume_from is not None:

@@ -13,7 +13,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from grpo_utils.config.validate import check_placement, resolve_device, seed_everything, validate
+from grpo_utils.config.validate import check_model_name, check_placement, resolve_device, seed_everything, validate
 from grpo_utils.distributed.resources import check_devices, mode_opt, plan_resources, unreachable, uses_ray
 from grpo_utils.errors import ConfigError, raise_on_sigterm
 
@@ -76,4 +76,5 @@ def check_run(cfg: DictConfig, mode: str, available_gpus: int | None = None) -> 
         problem = unreachable(address) if address else None  # ray.init would retry for minutes
         if problem:
             raise ConfigError(f"cannot join the Ray cluster at mode.ray_address={address}: {problem}")
+    check_model_name(cfg.model.name)  # a local path exists and holds a model (after the plan, as before)
     return device

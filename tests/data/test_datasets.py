@@ -468,6 +468,70 @@ def test_skip_bad_rows_skips_and_counts(tmp_path):
     assert [r["question"] for r in rows] == ["a"] and rows.skipped == 1
 
 
+GOOD_ROW = json.dumps({"question": "q1", "answer": "#### 1"})
+
+
+def write_bytes(path: Path, lines: list[bytes], prefix: bytes = b"") -> Path:
+    path.write_bytes(prefix + b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def gsm8k_env(path: Path, **overrides):
+    return env_cfg(dataset="gsm8k", train_path=str(path), test_path=str(path), **overrides)
+
+
+@pytest.mark.parametrize(("name", "lines", "message"), [
+    ("non_utf8", [GOOD_ROW.encode(), b'{"question": "caf\xe9", "answer": "#### 2"}', GOOD_ROW.encode()],
+     "not valid UTF-8 (byte 0xe9 at byte 18 of the line)"),
+    ("list_answer", [GOOD_ROW.encode(), json.dumps({"question": "q", "answer": ["#### 2"]}).encode()],
+     "expected GSM8K fields 'question' and 'answer' (ending in '#### N'), both strings; 'answer' is a list"),
+    ("number_answer", [GOOD_ROW.encode(), json.dumps({"question": "q", "answer": 2}).encode()],
+     "expected GSM8K fields 'question' and 'answer' (ending in '#### N'), both strings; 'answer' is a number"),
+    ("null_question", [GOOD_ROW.encode(), json.dumps({"question": None, "answer": "#### 2"}).encode()],
+     "expected GSM8K fields 'question' and 'answer' (ending in '#### N'), both strings; 'question' is missing or "
+     "null"),
+])
+def test_bad_row_is_one_line_with_file_line_or_skipped_and_counted(tmp_path, name, lines, message):
+    path = write_bytes(tmp_path / f"{name}.jsonl", lines)
+    with pytest.raises(DataError) as info:
+        load_split(gsm8k_env(path), "train")
+    assert str(info.value) == f"{path}:2: {message}"
+    rows = load_split(gsm8k_env(path, skip_bad_rows=True), "train")
+    assert rows.skipped == 1 and len(rows) == len(lines) - 1 and rows[0]["answer"] == "1"
+    assert rows.lines == [1, 3][: len(lines) - 1]  # each kept row's file line, for later checks
+
+
+def test_utf8_bom_does_not_spoil_the_first_row(tmp_path):
+    path = write_bytes(tmp_path / "bom.jsonl", [GOOD_ROW.encode(), json.dumps({"question": "q2", "answer": "#### 2"})
+                                                .encode()], prefix=b"\xef\xbb\xbf")
+    rows = load_split(gsm8k_env(path), "train")
+    assert [(r["question"], r["answer"]) for r in rows] == [("q1", "1"), ("q2", "2")] and rows.skipped == 0
+    assert read_jsonl(path)[0] == {"question": "q1", "answer": "#### 1"}
+    # a BOM anywhere else is not UTF-8's byte-order mark but a character inside the line
+    later = write_bytes(tmp_path / "later.jsonl", [GOOD_ROW.encode(), b"\xef\xbb\xbf" + GOOD_ROW.encode()])
+    with pytest.raises(DataError, match=re.escape(f"{later}:2: not valid JSON")):
+        read_jsonl(later)
+
+
+def test_math_answer_that_is_a_list_names_file_line(tmp_path):
+    path = write_lines(tmp_path / "m.jsonl", [json.dumps({"problem": "1+1?", "answer": 2}),
+                                              json.dumps({"problem": "2+2?", "answer": ["4"]})])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: expected MATH fields") + r".*'answer' is a list"):
+        load_split(env_cfg(dataset="math", train_path=str(path), test_path=str(path)), "train")
+    rows = load_split(env_cfg(dataset="math", train_path=str(path), test_path=str(path), skip_bad_rows=True), "train")
+    assert [r["answer"] for r in rows] == ["2"] and rows.skipped == 1
+
+
+def test_heldout_slice_keeps_file_lines(tmp_path):
+    path = write_lines(tmp_path / "g.jsonl", [json.dumps({"question": f"q{i}", "answer": f"#### {i}"})
+                                              for i in range(1, 11)])
+    cfg = env_cfg(dataset="gsm8k", train_path=str(path), test_path=None, heldout_count=3)
+    for split in ("train", "test"):
+        rows = load_split(cfg, split)
+        assert [int(r["answer"]) for r in rows] == rows.lines  # row i of this file is on line i
+        assert rows.where(0) == f"{path}:{rows.lines[0]}"
+
+
 def test_skip_bad_rows_with_nothing_valid_is_an_error(tmp_path):
     path = write_lines(tmp_path / "g.jsonl", ["nope", "[]"])
     with pytest.raises(DataError, match=re.escape(f"{path}: no valid rows (2 malformed rows skipped)")):

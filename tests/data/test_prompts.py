@@ -137,3 +137,93 @@ def test_renderer_from_config(tok):
     assert r(row) == "max 1 2" and r.system_prompt is None and not r.chat
     r = renderer_from_config(env_cfg(system_prompt="Be brief."), tok)
     assert r.chat and r(row).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+# ----------------------------------------------------------------------------- prompts that fit the context
+
+
+def fit(line: str, context: int | None, **splits):
+    """``build.prompts_that_fit`` for the config of ``line`` and a model of ``context`` positions."""
+    from types import SimpleNamespace
+
+    from grpo_utils import build
+    from grpo_utils.models.tiny import build_tokenizer
+    from tests.config.test_command_lines import jobs
+
+    (cfg,) = jobs(line)
+    tok = build_tokenizer()  # one token per byte; the chat template: 3 special tokens and 16 bytes
+    render = build.renderer(cfg.env, tok, next(iter(splits.values()))[0])
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=context))
+    return build.prompts_that_fit(cfg, model, tok, render, **splits)
+
+
+def gsm8k_rows(tmp_path, questions: list[str], line: str = ""):
+    """A GSM8K file of ``questions`` (line i + 1: question i), loaded as the recipes load it."""
+    from grpo_utils import build
+    from tests.config.test_command_lines import jobs
+
+    path = tmp_path / "g.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": f"#### {i}"}) + "\n" for i, q in enumerate(questions)))
+    line = f"env.dataset=gsm8k env.train_path={path} env.test_path={path} generation.max_new_tokens=8 {line}"
+    train, test = build.rows(jobs(line)[0].env, heldout_size=0)
+    return path, line, train, test
+
+
+def test_a_huge_row_is_refused_by_length_before_it_is_tokenized(tmp_path):
+    huge = "x" * 10_000_000  # + the chat template's 50 characters
+    path, line, train, _ = gsm8k_rows(tmp_path, ["short", huge, "y" * 600])
+    with pytest.raises(DataError) as info:
+        fit(line, 512, train=train)
+    assert str(info.value) == (
+        f"{path}:2: the prompt is 10000050 characters, certainly more than 504 tokens; the model's context of 512 "
+        "tokens leaves 504 for a prompt after generation.max_new_tokens=8 (env.skip_bad_rows=true skips such rows)")
+
+
+def test_a_row_too_long_for_the_context_names_file_line_and_lengths(tmp_path):
+    path, line, train, test = gsm8k_rows(tmp_path, ["short", "y" * 600, "z" * 490])
+    with pytest.raises(DataError) as info:
+        fit(line, 512, train=train, test=test)
+    # 600 bytes + the chat template's 16 bytes and 3 special tokens
+    assert str(info.value).startswith(f"{path}:2: the prompt is 619 tokens; the model's context of 512 tokens leaves "
+                                      "504 for a prompt after generation.max_new_tokens=8")
+    assert "\n" not in str(info.value)
+    (kept,) = fit(line, 1024, train=train)  # a bigger context holds them all
+    assert kept == train and kept.skipped == 0
+
+
+def test_too_long_rows_are_skipped_and_counted_with_skip_bad_rows(tmp_path, capsys):
+    path, line, rows, test = gsm8k_rows(tmp_path, ["short", "x" * 10_000_000, "y" * 600, "ok"],
+                                        line="env.skip_bad_rows=true")
+    train, test = fit(line, 512, train=rows, test=test)
+    assert [r["question"] for r in train] == ["short", "ok"] and train.skipped == 2 and train.lines == [1, 4]
+    assert test.skipped == 2  # the held-out file (the same one here) is checked too
+    assert "skipped 2 train rows whose prompt is too long: the model's context of 512 tokens leaves 504" in \
+        capsys.readouterr().out
+    with pytest.raises(DataError, match=re.escape(f"{path}: no prompt fits (4 rows too long; the model's context of "
+                                                  "16 tokens leaves 8")):
+        fit(line, 16, train=rows)
+
+
+def test_generated_rows_are_named_by_split_and_index():
+    from grpo_utils.data.datasets import Rows, quickstart_rows
+
+    rows = Rows(quickstart_rows(3, seed=1), source="generated")
+    with pytest.raises(DataError, match=r"^env.dataset=quickstart \(train split\): row 0: the prompt is 3\d tokens; "
+                                        r"the model's context of 24 tokens leaves 20 for a prompt after "
+                                        r"generation.max_new_tokens=4 \(env.skip_bad_rows=true skips such rows\)$"):
+        fit("", 24, train=rows)
+    assert fit("", 64, train=rows) == (rows,)
+
+
+def test_context_comes_from_the_model_then_the_engine_then_the_tokenizer():
+    from grpo_utils.data.datasets import Rows, quickstart_rows
+    from grpo_utils.errors import ConfigError
+
+    rows = Rows(quickstart_rows(3, seed=1), source="generated")
+    with pytest.raises(ConfigError, match=r"^generation.max_new_tokens=4 leaves no room for a prompt in the model's "
+                                          r"context of 4 tokens$"):
+        fit("", 4, train=rows)
+    with pytest.raises(DataError, match=r"inference_model.max_model_len=24 leaves 20 for a prompt"):
+        fit("inference_model.backend=vllm inference_model.max_model_len=24", 512, train=rows)
+    # no length in the model's config, and the tiny tokenizer's model_max_length is transformers' "unknown"
+    assert fit("", None, train=rows) == (rows,)

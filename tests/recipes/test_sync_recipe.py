@@ -201,3 +201,47 @@ def test_missing_data_file_is_named(env, tmp_path):
                       f"env.test_path={missing}", check=False)
     assert proc.returncode != 0
     assert f"env.train_path={missing}: file not found" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("override", "start"), [
+    ("loss=nonexistent", "config error: loss=nonexistent is unknown; expected one of "),  # before Hydra composes
+    ("seed=-1", "config error: seed=-1 must be in [0, 2**32-1]"),  # before the model loads
+    ("model.name=/nonexistent/model", "config error: model.name=/nonexistent/model: no such directory"),
+])
+def test_bad_input_ends_in_one_line_not_hydras_message(env, tmp_path, override, start):
+    run_dir = tmp_path / "bad"
+    proc = run_recipe(env, f"hydra.run.dir={run_dir}", override, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(start), proc.stderr[-2000:]
+    assert "HYDRA_FULL_ERROR" not in proc.stderr and "Traceback" not in proc.stderr
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+def gsm8k_line(question: str, answer) -> bytes:
+    return json.dumps({"question": question, "answer": answer}).encode() + b"\n"
+
+
+def test_bad_rows_are_skipped_and_counted_in_the_summary(env, tiny_dir, tmp_path):
+    """A UTF-8 BOM, bytes that are not UTF-8, an answer that is a list and a 10 MB question: with
+    env.skip_bad_rows=true the run trains on the rest and counts the three bad rows; without it, a
+    prompt too long for the model stops the run with its file:line before anything generates."""
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    good = [gsm8k_line(f"What is {i} + 1?", f"{i} + 1 = {i + 1}\n#### {i + 1}") for i in range(4)]
+    train.write_bytes(b"\xef\xbb\xbf" + good[0] + b'{"question": "caf\xe9", "answer": "#### 1"}\n' + good[1]
+                      + gsm8k_line("huge", ["#### 1"]) + gsm8k_line("x" * 10_000_000, "#### 1") + good[2] + good[3])
+    test.write_bytes(b"".join(good))
+    run_dir = tmp_path / "skip"
+    run_recipe(env, *tiny_overrides(tiny_dir, run_dir, "env.dataset=gsm8k", f"env.train_path={train}",
+                                    f"env.test_path={test}", "env.skip_bad_rows=true", "train.max_steps=1",
+                                    "eval.every_n_steps=0", "eval.heldout_size=2"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_done"] == 1 and summary["data/skipped_rows"] == 3, summary
+
+    train.write_bytes(b"".join(good) + gsm8k_line("x" * 10_000_000, "#### 1"))
+    proc = run_recipe(env, *tiny_overrides(tiny_dir, tmp_path / "stop", "env.dataset=gsm8k", f"env.train_path={train}",
+                                           f"env.test_path={test}", "train.max_steps=1"), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"data error: {train}:5: the prompt is 10000050 characters, certainly more than 8186 tokens; the model's "
+        "context of 8192 tokens leaves 8186 for a prompt after generation.max_new_tokens=6"), proc.stderr[-2000:]
+    assert not (tmp_path / "stop" / "metrics.jsonl").exists()
