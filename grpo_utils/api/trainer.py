@@ -99,7 +99,9 @@ class GRPOTrainer:
             eval_rows = as_rows(eval_dataset, "eval_dataset")
             test_path = write_jsonl(eval_rows, data_dir / "eval.jsonl", "eval_dataset")
         else:
-            eval_rows, test_path = [], train_path  # loaded, never evaluated (eval is off below)
+            # The recipes' data sections need a held-out file: one row, loaded and never evaluated
+            # (eval is off below), so nothing is read or counted twice.
+            eval_rows, test_path = [], write_jsonl(rows[:1], data_dir / "eval.jsonl", "train_dataset")
         has_answer = all("answer" in r for r in rows + eval_rows)
         reward_cfg = self._reward_config(reward_model, reward, reward_tokenizer)
 
@@ -256,9 +258,10 @@ class GRPOTrainer:
             if self.config.clip_range is not None and "clip_eps" in str(e):
                 raise ConfigError(f"GRPOConfig.clip_range: loss={self.config.loss} has no clipping") from None
             raise
-        if self._reward_cfg is not None:
+        if self._reward_cfg is not None:  # the whole-reward settings (timeout_s, ...) stay as composed
+            settings = {k: v for k, v in OmegaConf.to_container(cfg.reward).items() if k != "name"}
             with open_dict(cfg):
-                cfg.reward = OmegaConf.create({"timeout_s": cfg.reward.timeout_s, **self._reward_cfg})
+                cfg.reward = OmegaConf.create({**settings, **self._reward_cfg})
         check_run(cfg, self.mode)
         return cfg
 

@@ -173,3 +173,14 @@ def test_a_datasets_dataset_is_rows(policy, tok, tmp_path):
     written = [json.loads(line) for line in (tmp_path / "out" / "data" / "train.jsonl").read_text().splitlines()]
     assert [r["question"] for r in written] == [r["question"] for r in ROWS]
     assert trainer.cfg.env.answer_field == "answer"
+
+
+def test_reward_settings_stay_with_an_in_memory_reward(policy, tok, tmp_path):
+    def constant(prompts, completions, **_):
+        return [1.0] * len(completions)
+
+    config = GRPOConfig(output_dir=str(tmp_path / "o"), batch_size=2, num_generations_per_prompt=4,
+                        overrides=["reward.stop_after_failed_steps=5", "reward.timeout_s=3"])
+    trainer = make(policy, tok, tmp_path, config, reward=constant)
+    assert (trainer.cfg.reward.stop_after_failed_steps, trainer.cfg.reward.timeout_s) == (5, 3)
+    assert trainer.cfg.reward.name == "callable" and "components" not in trainer.cfg.reward
