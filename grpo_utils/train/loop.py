@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from grpo_utils import build
-from grpo_utils.errors import GRPOError, Terminated
+from grpo_utils.errors import CheckpointError, GRPOError, Terminated
 from grpo_utils.train import checkpoint as ckpt
 from grpo_utils.train import sources
 from grpo_utils.train.run import prepare_process
@@ -33,7 +33,10 @@ class GRPOLoop:
     model loads when the config or the machine is wrong), ``train()`` runs to ``train.max_steps``,
     ``save_checkpoint()`` writes ``checkpoints/step_<N>/``, ``cleanup()`` releases the batch
     source and writes ``final_model/`` and ``summary.json``. An error or Ctrl-C inside
-    ``train()`` checkpoints the step reached before it propagates.
+    ``train()`` checkpoints the step reached before it propagates. A write the disk fails
+    (checkpoint, ``metrics.jsonl``, ``final_model/``, ``summary.json``) stops the run with a
+    one-line :class:`~grpo_utils.errors.CheckpointError` naming the checkpoint still intact,
+    without a further checkpoint: the run resumes exactly from that one once there is room.
 
     ``model``/``tokenizer`` (and ``ref_model``) given in memory (the Python API) replace loading
     ``model.name``; ``model.name`` must still name a directory holding the same weights where
@@ -45,6 +48,7 @@ class GRPOLoop:
         self.state = TrainState()
         self.source = self.logger = None
         self._source_open = False
+        self._checkpoint: Path | None = None  # the checkpoint of state.saved_step
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -52,7 +56,11 @@ class GRPOLoop:
         self.loss_fn = build.loss(cfg.loss)
         self.reward_fn = build.reward(cfg)
         self.train_rows, self.heldout_rows = build.rows(cfg.env, cfg.eval.heldout_size)
-        resume_from = build.resume_checkpoint(cfg.resume, self.run_dir)
+        # Verified against its manifest (damaged newer ones passed over) before any model loads.
+        point = ckpt.resume_point(cfg.resume, self.run_dir)
+        resume_from = point.path if point is not None else None
+        if point is not None and point.note:
+            print(point.note)
 
         given_model, given_tokenizer, given_ref = self._given
         if given_model is None:
@@ -67,15 +75,22 @@ class GRPOLoop:
                                                                     train=self.train_rows, test=self.heldout_rows)
         self.trainer = build.trainer(cfg, self.model, self.loss_fn, ref_model)
         saved: dict[str, Any] = {}
-        if resume_from is not None:
+        if point is not None:
             ckpt.load_model_weights(resume_from, self.model)
-            saved = ckpt.load_trainer_state(resume_from)
+            saved = point.state
             self.trainer.load_state_dict(saved["trainer"])
             self.state = TrainState.from_checkpoint(saved)
+            self._checkpoint = resume_from
 
         self.evaluate = build.held_out_evaluator(cfg, self.model, self.tokenizer, self.renderer, self.reward_fn,
                                                  self.heldout_rows)
-        self.logger = build.logger(cfg, self.run_dir, start_step=self.state.step)
+        try:
+            self.logger = build.logger(cfg, self.run_dir, start_step=self.state.step)
+        except OSError as error:  # metrics.jsonl could not be set up (e.g. a full disk)
+            failure = self._write_failure(error)
+            if failure is None:
+                raise
+            raise failure from None
         try:
             self.source = sources.batch_source(cfg, self.mode, self, resume_from, self.state)
         except BaseException:
@@ -133,8 +148,18 @@ class GRPOLoop:
                     self.save_checkpoint()  # at a batch boundary: resuming replays nothing, skips nothing
         except BaseException as error:
             self._close_source()
-            saved = self.save_checkpoint()
+            # A write the disk failed (a checkpoint, a metrics line) stops without another
+            # checkpoint: the last one written agrees with metrics.jsonl, and is named.
+            failure = self._write_failure(error)
+            saved = state.saved_step
+            if failure is None:
+                try:
+                    saved = self.save_checkpoint()
+                except CheckpointError as save_failed:
+                    failure = save_failed
             self.logger.close()
+            if failure is not None:
+                raise failure from None
             if isinstance(error, GRPOError | KeyboardInterrupt | Terminated):
                 error.checkpoint_step = saved if saved > 0 else None
             raise
@@ -152,34 +177,55 @@ class GRPOLoop:
         state = self.state
         if state.step > 0 and state.step != state.saved_step:
             payload = state.to_checkpoint(self.trainer.state_dict(), self.source.checkpoint_state())
-            ckpt.save_checkpoint(self.run_dir, state.step, self.model, self.tokenizer, payload,
-                                 keep_last=self.cfg.checkpoint.keep_last, layout=self.cfg.checkpoint.layout)
+            self._checkpoint = ckpt.save_checkpoint(self.run_dir, state.step, self.model, self.tokenizer, payload,
+                                                    keep_last=self.cfg.checkpoint.keep_last,
+                                                    layout=self.cfg.checkpoint.layout)
             state.saved_step = state.step
         return state.saved_step
 
     def cleanup(self) -> dict[str, Any]:
-        """Release the batch source, evaluate once more, write the last checkpoint, ``final_model/``
-        and ``summary.json``, print the summary; returns the summary."""
+        """Release the batch source, evaluate once more (unless the last step's evaluation is
+        logged already: by the loop, or by the run this one resumes), write the last checkpoint,
+        ``final_model/`` and ``summary.json``, print the summary; returns the summary."""
         from grpo_utils.train.metrics import format_summary, plot_reward_curve, write_summary
 
         self._close_source()
         cfg, state = self.cfg, self.state
         extra = {"data/skipped_rows": self.train_rows.skipped + self.heldout_rows.skipped,
                  "policy_version": state.policy_version}
-        if cfg.eval.before_after:
-            after = self.evaluate()
-            self.logger.log_eval(after, step=state.step)
-            extra |= {"heldout_accuracy_before": state.heldout_accuracy_before,
-                      "heldout_accuracy_after": after["eval/accuracy"]}
-        self.save_checkpoint()
-        ckpt.save_final_model(self.run_dir, self.model, self.tokenizer, checkpoint=ckpt.latest_checkpoint(self.run_dir))
-        self.logger.close()
-        summary = write_summary(self.run_dir, steps_done=state.step, wall_time_s=time.perf_counter() - self.t_start,
-                                extra=extra)
-        plot = plot_reward_curve(self.run_dir)
+        try:
+            if cfg.eval.before_after:
+                after = self._logged_eval(state.step)
+                if after is None:
+                    after = self.evaluate()
+                    self.logger.log_eval(after, step=state.step)
+                extra |= {"heldout_accuracy_before": state.heldout_accuracy_before,
+                          "heldout_accuracy_after": after["eval/accuracy"]}
+            self.save_checkpoint()
+            ckpt.save_final_model(self.run_dir, self.model, self.tokenizer, checkpoint=self._checkpoint)
+            self.logger.close()
+            summary = write_summary(self.run_dir, steps_done=state.step,
+                                    wall_time_s=time.perf_counter() - self.t_start, extra=extra)
+            plot = plot_reward_curve(self.run_dir)
+        except Exception as error:
+            self.logger.close()
+            failure = self._write_failure(error)
+            if failure is None:
+                raise
+            raise failure from None
         print(format_summary(summary))
         print(f"Run directory: {self.run_dir}" + (f"  (reward curve: {plot.name})" if plot else ""))
         return summary
+
+    def _logged_eval(self, step: int) -> dict[str, Any] | None:
+        """The evaluation already logged for ``step``, if the logger can tell (a custom one may not)."""
+        logged = getattr(self.logger, "logged_eval", None)
+        return logged(step) if logged is not None else None
+
+    def _write_failure(self, error: BaseException) -> CheckpointError | None:
+        """``error`` as the one-line CheckpointError when the disk failed a write of the run's
+        (naming the checkpoint still intact), else None."""
+        return error if isinstance(error, CheckpointError) else ckpt.write_error(error, self.run_dir)
 
     def _close_source(self) -> None:
         if self._source_open:

@@ -4,6 +4,10 @@
 ``reward/mean`` (plus whatever else the trainer logs, e.g. ``loss``); eval lines carry ``step``
 and ``eval/...`` keys. Every line also carries ``time``, wall-clock seconds since the logger
 started.
+
+Each line is written whole or not at all: one ``write`` per line, and a write that fails (a full
+disk) is cut back to the last complete line before the error propagates. A line cut short by a
+crash is dropped from the file when the run resumes (a copy of the file as it was is kept).
 """
 
 from __future__ import annotations
@@ -104,6 +108,11 @@ class MetricsLogger:
     taken), then rewritten with only the lines whose ``step`` is <= ``start_step`` (and lines with
     no step); logging appends after them. A fresh start (``start_step == 0``) over an existing,
     non-empty ``metrics.jsonl`` moves the old file aside the same way and starts an empty one.
+
+    :meth:`logged_eval` tells whether an eval line for a step is in the file already (kept from
+    before the resume or written since), so a resumed run does not evaluate and log that step again.
+    A write error propagates as an ``OSError`` naming ``metrics.jsonl``, after the file is cut back
+    to its last complete line.
     """
 
     def __init__(
@@ -136,12 +145,17 @@ class MetricsLogger:
         self._wandb_run = None
         self._bar = None
         self._postfix: dict[str, str] = {}
+        self._evals: dict[int, dict] = {}  # step -> its eval line's eval/ values
 
         if backend == "wandb":
             self._wandb_run = self._init_wandb(project, run_name, config)
 
         self._prepare_file()
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _named(e, self.path) from None
+        self._end = os.fstat(self._fd).st_size  # where the last complete line ends
         self._t0 = time.time()
 
         if progress:
@@ -190,22 +204,28 @@ class MetricsLogger:
             os.replace(self.path, backup)
             self.backup_path = backup
             return
-        shutil.copy2(self.path, backup)
-        self.backup_path = backup
-        kept: list[str] = []
-        for line, rec in _jsonl_lines(backup):
-            if rec is None:
-                continue  # e.g. a line cut short by a crash; it stays in the backup
-            step = rec.get("step") if isinstance(rec, dict) else None
-            if step is None or (_is_number(step) and step <= self.start_step):
-                kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in kept:
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            shutil.copy2(self.path, backup)
+            kept: list[str] = []
+            for line, rec in _jsonl_lines(backup):
+                if rec is None:
+                    continue  # e.g. a line cut short by a crash; it stays in the backup
+                step = rec.get("step") if isinstance(rec, dict) else None
+                if step is None or (_is_number(step) and step <= self.start_step):
+                    kept.append(line)
+                    if step is not None and _is_eval(rec):
+                        self._evals[int(step)] = _eval_values(rec)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:  # e.g. a full disk: metrics.jsonl is left as it was, and nothing else
+            for partial in (tmp, backup):
+                partial.unlink(missing_ok=True)
+            raise _named(e, self.path) from None
+        self.backup_path = backup
 
     # -- logging ------------------------------------------------------------------------------
 
@@ -220,12 +240,38 @@ class MetricsLogger:
                 continue
             record[k] = _to_jsonable(v)
         record["time"] = round(time.time() - self._t0, 3)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._append((json.dumps(record) + "\n").encode("utf-8"))
         if self._wandb_run is not None:
             payload = {k: v for k, v in record.items() if k != "step"}
             self._wandb_run.log(payload, step=step)
         return record
+
+    def _append(self, data: bytes) -> None:
+        """Append one line with one ``write`` (more only if the system writes less); if that fails,
+        or is interrupted before the line is whole, the file is cut back to the last complete line."""
+        written = 0
+        try:
+            written = os.write(self._fd, data)
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except BaseException as e:
+            if written < len(data):
+                try:
+                    os.ftruncate(self._fd, self._end)
+                except OSError:
+                    pass
+            else:
+                self._end += len(data)
+            if isinstance(e, OSError):
+                raise _named(e, self.path) from None
+            raise
+        self._end += len(data)
+
+    def logged_eval(self, step: int) -> dict | None:
+        """The ``eval/`` values of the eval line for ``step`` already in the file (kept from
+        before a resume, or logged since), or None."""
+        values = self._evals.get(int(step))
+        return dict(values) if values is not None else None
 
     def log(self, metrics: dict, step: int) -> None:
         """Write one training line ``{"step", **metrics, "time"}`` (every ``log_every``-th step and
@@ -250,14 +296,15 @@ class MetricsLogger:
             for k, v in metrics.items()
             if k not in ("step", "time")
         }
-        self._write(prefixed, step)
+        record = self._write(prefixed, step)
+        self._evals[int(step)] = _eval_values(record)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self._file.close()
+            os.close(self._fd)
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -320,6 +367,17 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def _is_eval(rec: dict) -> bool:
     return any(str(k).startswith(_EVAL_PREFIX) for k in rec)
+
+
+def _eval_values(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if str(k).startswith(_EVAL_PREFIX)}
+
+
+def _named(error: OSError, path: Path) -> OSError:
+    """``error`` naming ``path`` when it names no file (a failed ``write`` names none)."""
+    if error.filename or error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))
 
 
 def _split(records: Iterable[dict]) -> tuple[list[dict], list[dict]]:
@@ -391,12 +449,15 @@ def write_summary(
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / SUMMARY_FILENAME
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(summary, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as e:  # e.g. a full disk: no partial summary.json(.tmp) is left
+        tmp.unlink(missing_ok=True)
+        raise _named(e, out) from None
     return summary
 
 
@@ -472,8 +533,12 @@ def plot_reward_curve(
     out = run_dir / out_name
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(".tmp_" + out.name)
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _named(e, out) from None
     return out
 
 

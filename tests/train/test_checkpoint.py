@@ -16,7 +16,10 @@ from grpo_utils.train.checkpoint import (
     load_trainer_state,
     resolve_resume,
     restore_rng_state,
+    resume_point,
     save_checkpoint,
+    save_final_model,
+    verify_checkpoint,
 )
 
 
@@ -292,3 +295,177 @@ def test_checkpoint_with_a_numpy_rng_array_still_loads(tmp_path):
     np.random.seed(99)
     restore_rng_state(load_trainer_state(ckpt)["rng"])
     assert np.array_equal(np.random.rand(3), expected)
+
+
+# ------------------------------------------------------------------------------ manifest, verification
+
+
+def _manifest(d: Path) -> dict:
+    return json.loads((d / "manifest.json").read_text())["files"]
+
+
+def test_manifest_lists_every_file_and_is_written_last(tmp_path):
+    import hashlib
+
+    path = save_checkpoint(tmp_path, 2, _model(), StubTokenizer(), _state(2))
+    files = _manifest(path)
+    on_disk = {p.name for p in path.iterdir()} - {"manifest.json"}
+    assert set(files) == on_disk and {"model.safetensors", "trainer_state.pt", "config.json"} <= on_disk
+    for name, entry in files.items():
+        data = (path / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    last = max((path / name).stat().st_mtime_ns for name in files)
+    assert (path / "manifest.json").stat().st_mtime_ns >= last
+    assert verify_checkpoint(path) is None
+
+
+def test_final_model_has_a_manifest_and_resumes(tmp_path):
+    model = _model()
+    step = save_checkpoint(tmp_path, 3, model, StubTokenizer(), _state(3))
+    final = save_final_model(tmp_path, model, StubTokenizer(), checkpoint=step)
+    assert set(_manifest(final)) == {p.name for p in final.iterdir()} - {"manifest.json"}
+    assert verify_checkpoint(final) is None
+    point = resume_point(str(final), tmp_path)
+    assert point.path == final and point.state["step"] == 3 and point.note is None
+    again = save_final_model(tmp_path, model, None, checkpoint=final)  # from itself: replaced in place
+    assert verify_checkpoint(again) is None and load_trainer_state(again)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "final_model"]
+
+
+def _damage(kind: str, path: Path) -> None:
+    data = path.read_bytes()
+    if kind == "flip":
+        path.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    elif kind == "half":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "longer":
+        path.write_bytes(data + b"\0")
+    elif kind == "missing":
+        path.unlink()
+
+
+@pytest.mark.parametrize(("name", "kind", "problem"), [
+    ("model.safetensors", "flip", "model.safetensors: checksum mismatch"),
+    ("trainer_state.pt", "half", "trainer_state.pt: truncated ("),
+    ("config.json", "empty", "config.json: empty (expected "),
+    ("model.safetensors", "longer", "model.safetensors: "),
+    ("tokenizer_stub.json", "missing", "tokenizer_stub.json: missing"),
+    ("manifest.json", "half", "manifest.json: unreadable (not a checkpoint manifest)"),
+])
+def test_verify_checkpoint_names_the_bad_file(tmp_path, name, kind, problem):
+    path = save_checkpoint(tmp_path, 1, _model(), StubTokenizer(), _state(1))
+    _damage(kind, path / name)
+    found = verify_checkpoint(path)
+    assert found is not None and found.startswith(problem) and "\n" not in found, found
+
+
+@pytest.mark.parametrize(("name", "kind", "problem"), [
+    (None, None, None),
+    ("model.safetensors", "half", "model.safetensors: truncated ("),
+    ("model.safetensors", "empty", "model.safetensors: empty"),
+    ("trainer_state.pt", "half", "trainer_state.pt: unreadable ("),
+    ("config.json", "empty", "config.json: empty"),
+])
+def test_a_checkpoint_without_manifest_is_checked_as_far_as_it_can_be(tmp_path, name, kind, problem):
+    """Checkpoints written before manifests existed still resume; what can be told is checked."""
+    path = save_checkpoint(tmp_path, 1, _model(), StubTokenizer(), _state(1))
+    (path / "manifest.json").unlink()
+    if name is None:
+        assert verify_checkpoint(path) is None
+        point = resume_point(True, tmp_path)
+        assert point.path == path and point.state["data_position"] == 4 and point.note is None
+        return
+    _damage(kind, path / name)
+    assert verify_checkpoint(path).startswith(problem)
+
+
+def test_a_checkpoint_without_manifest_with_altered_state_is_caught_by_its_crcs(tmp_path):
+    path = save_checkpoint(tmp_path, 1, _model(), StubTokenizer(), _state(1))
+    (path / "manifest.json").unlink()
+    state = path / "trainer_state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a tensor's bytes
+    state.write_bytes(bytes(data))
+    assert verify_checkpoint(path).startswith("trainer_state.pt: damaged (CRC mismatch in ")
+
+
+def test_resume_point_falls_back_from_damaged_checkpoints_in_one_line(tmp_path):
+    from grpo_utils.errors import CheckpointError
+
+    run = tmp_path / "run"
+    model = _model()
+    for s in (1, 2, 3):
+        save_checkpoint(run, s, model, None, _state(s))
+    ck = run / "checkpoints"
+    assert resume_point(True, run).path == ck / "step_3"
+    _damage("flip", ck / "step_3" / "model.safetensors")
+    _damage("empty", ck / "step_2" / "trainer_state.pt")
+    point = resume_point("latest", run)
+    assert point.path == ck / "step_1" and point.state["data_position"] == 4
+    assert point.note == ("checkpoint checkpoints/step_3 is damaged (model.safetensors: checksum mismatch), "
+                          "checkpoint checkpoints/step_2 is damaged (trainer_state.pt: empty (expected "
+                          f"{_manifest(ck / 'step_2')['trainer_state.pt']['size']} bytes)); resuming from "
+                          "checkpoints/step_1")
+    assert resume_point(str(run), tmp_path / "elsewhere").path == ck / "step_1"  # a run dir: its newest intact
+    assert list_checkpoints(run) == [ck / "step_1", ck / "step_2", ck / "step_3"]  # listing is unchanged
+    assert resolve_resume(True, run) == ck / "step_3"
+
+    with pytest.raises(CheckpointError) as ei:  # named explicitly: no silent fallback
+        resume_point(str(ck / "step_3"), run)
+    assert str(ei.value) == (f"resume={ck / 'step_3'}: checkpoint checkpoints/step_3 is damaged "
+                             "(model.safetensors: checksum mismatch)")
+    _damage("missing", ck / "step_1" / "config.json")
+    with pytest.raises(CheckpointError) as ei:
+        resume_point(True, run)
+    msg = str(ei.value)
+    assert msg.startswith("resume=True: no intact checkpoint to resume from: checkpoint checkpoints/step_3 is damaged")
+    assert msg.endswith("checkpoint checkpoints/step_1 is damaged (config.json: missing)") and "\n" not in msg
+
+    with pytest.raises(CheckpointError, match=r"^resume=.*nowhere.*: resume checkpoint not found"):
+        resume_point(str(tmp_path / "nowhere"), run)
+    assert resume_point(False, run) is None and resume_point(True, tmp_path / "fresh") is None
+
+
+def test_a_hostile_trainer_state_is_passed_over_without_running(tmp_path):
+    import hashlib
+
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, _model(), None, _state(1))
+    bad = save_checkpoint(run, 2, _model(), None, _state(2))
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "trainer": _RunsCode(marker)}, bad / "trainer_state.pt")
+    files = _manifest(bad)
+    data = (bad / "trainer_state.pt").read_bytes()
+    files["trainer_state.pt"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (bad / "manifest.json").write_text(json.dumps({"format": 1, "files": files}))
+    assert verify_checkpoint(bad) is None  # the files are as the manifest says ...
+    point = resume_point(True, run)  # ... but the state is refused, unloaded
+    assert point.path == run / "checkpoints" / "step_1"
+    assert point.note.startswith("checkpoint checkpoints/step_2 is damaged (trainer_state.pt: not plain checkpoint "
+                                 "data, refused (loading it would run code")
+    assert not marker.exists()
+
+
+def test_only_trainer_state_is_pickled(tmp_path, tok):
+    """Every file a resume (or a collector, or from_pretrained) reads from a checkpoint is JSON,
+    text or safetensors, but trainer_state.pt, which loads with weights_only=True."""
+    path = save_checkpoint(tmp_path, 1, _model(vocab_size=len(tok)), tok, _state(1))
+    for p in path.iterdir():
+        head = p.read_bytes()[:8]
+        if p.name == "trainer_state.pt":
+            assert head[:2] == b"PK"  # torch's zip archive
+        elif p.suffix == ".safetensors":
+            assert int.from_bytes(head, "little") < p.stat().st_size  # 8-byte header length, then JSON
+        else:
+            p.read_text(encoding="utf-8")  # text
+            assert head[:1] != b"\x80" and head[:2] != b"PK", p.name
+
+
+def test_an_unlisted_weights_or_pickle_file_is_damage(tmp_path):
+    path = save_checkpoint(tmp_path, 1, _model(), StubTokenizer(), _state(1))
+    (path / "notes.txt").write_text("a file someone added")  # harmless: not read by a resume
+    assert verify_checkpoint(path) is None
+    torch.save({"w": torch.zeros(1)}, path / "pytorch_model.bin")
+    assert verify_checkpoint(path) == "pytorch_model.bin: not listed in manifest.json"

@@ -234,3 +234,79 @@ def test_wandb_backend_forwards_metrics(tmp_path, monkeypatch):
     assert run.logged[0][0] == 3 and run.logged[0][1]["reward/mean"] == 0.25
     assert run.logged[1][1]["eval/accuracy"] == 0.5
     assert run.finished
+
+
+def _failing_write(monkeypatch, error: BaseException, when: bytes):
+    """os.write that writes half of a line containing ``when``, then raises ``error`` (once)."""
+    import os
+
+    real = os.write
+    state = {"done": False}
+
+    def write(fd, data):
+        if when in bytes(data) and not state["done"]:
+            state["done"] = True
+            real(fd, bytes(data[: len(data) // 2]))
+            raise error
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_a_failed_write_is_cut_back_to_the_last_complete_line(tmp_path, monkeypatch, error):
+    path = tmp_path / "metrics.jsonl"
+    lg = MetricsLogger(tmp_path, progress=False)
+    lg.log({"reward/mean": 0.1}, step=1)
+    before = path.read_text()
+    _failing_write(monkeypatch, error, b'"step": 2')
+    with pytest.raises(type(error)) as ei:
+        lg.log({"reward/mean": 0.2, "pad": "x" * 500}, step=2)
+    if isinstance(error, OSError):
+        assert ei.value.errno == 28 and ei.value.filename == str(path)  # names the file for the one-line error
+    assert path.read_text() == before  # no partial line
+    lg.log({"reward/mean": 0.3}, step=3)  # the disk has room again
+    lg.close()
+    assert [r["step"] for r in _lines(path)] == [1, 3]
+
+
+def test_resume_repairs_the_file_and_knows_the_logged_evaluations(tmp_path):
+    with MetricsLogger(tmp_path, progress=False) as lg:
+        lg.log({"reward/mean": 0.1}, step=1)
+        lg.log_eval({"eval/accuracy": 0.3}, step=2)
+        assert lg.logged_eval(2) == {"eval/accuracy": 0.3} and lg.logged_eval(1) is None
+        lg.log_eval({"eval/accuracy": 0.4}, step=3)
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "a") as f:
+        f.write('{"step": 4, "reward/me')  # torn by a kill
+    with MetricsLogger(tmp_path, start_step=3, progress=False) as lg:
+        assert lg.logged_eval(3) == {"eval/accuracy": 0.4} and lg.logged_eval(2) == {"eval/accuracy": 0.3}
+        assert lg.logged_eval(4) is None
+        assert path.read_text().endswith("}\n")  # the torn line is gone from the file itself
+        lg.log({"reward/mean": 0.5}, step=4)
+    assert [r["step"] for r in _lines(path)] == [1, 2, 3, 4]
+    with MetricsLogger(tmp_path, start_step=2, progress=False) as lg:
+        assert lg.logged_eval(3) is None and lg.logged_eval(2) == {"eval/accuracy": 0.3}
+
+
+def test_a_failed_summary_or_resume_rewrite_leaves_nothing_partial(tmp_path, monkeypatch):
+    import os
+
+    _write_run(tmp_path)
+    original = (tmp_path / "metrics.jsonl").read_text()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError) as ei:
+        write_summary(tmp_path, steps_done=4, wall_time_s=1.0)
+    assert ei.value.errno == 28 and ei.value.filename == str(tmp_path / "summary.json")
+    with pytest.raises(OSError) as ei:
+        MetricsLogger(tmp_path, start_step=2, progress=False)
+    assert ei.value.filename == str(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no summary, backup or .tmp
+    assert (tmp_path / "metrics.jsonl").read_text() == original
