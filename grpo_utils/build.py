@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_utils.errors import CheckpointError, ConfigError, DataError
+from grpo_utils.errors import ConfigError, DataError
 
 
 def loss(loss_cfg: DictConfig) -> torch.nn.Module:
@@ -100,17 +100,6 @@ def prompts_that_fit(cfg: DictConfig, model, tokenizer, render, report: bool = T
                   "(env.skip_bad_rows=true)")
         fitted.append(fit)
     return tuple(fitted)
-
-
-def resume_checkpoint(resume, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from (``resume=true``: the run dir's latest, if any), checked
-    before any model is loaded."""
-    from grpo_utils.train.checkpoint import resolve_resume
-
-    try:
-        return resolve_resume(resume, run_dir)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"resume={resume}: {e}") from None
 
 
 def policy(cfg: DictConfig, device: torch.device, for_training: bool = True):
