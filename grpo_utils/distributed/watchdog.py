@@ -73,7 +73,7 @@ def stop(watchdog: subprocess.Popen | None, session_dir: str | Path | None) -> N
         watchdog.kill()
         watchdog.wait()
     if session_dir is not None:
-        clean_up(session_dir)
+        clean_up(session_dir, grace_s=0)  # Ray is shut down: what still runs of it is only exiting
 
 
 def alive(pid: int) -> bool:

@@ -48,5 +48,6 @@ def test_grpo_eval_bad_input_fails_fast_with_one_line(env, tiny_dir, tmp_path):
                     f"env.test_path={bad}")
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
-        f"data error: {bad}:2: expected GSM8K fields 'question' and 'answer' (ending in '#### N')"]
+        f"data error: {bad}:2: expected GSM8K fields 'question' and 'answer' (ending in '#### N'), "
+        "both strings; 'answer' is missing or null"]
     assert not (tmp_path / "run" / "eval_report.json").exists()
