@@ -323,7 +323,7 @@ def resolve_model_dir(name: str) -> str:
     ``checkpoints/`` directory, ``builtin:quickstart``, or else a Hugging Face hub name.
     Raises :class:`EvalConfigError` naming the key."""
     from grpo_utils.models.loading import resolve_model_path
-    from grpo_utils.train.checkpoint import latest_checkpoint
+    from grpo_utils.train.checkpoint import list_checkpoints, verify_checkpoint
 
     if name.startswith("builtin:"):
         try:
@@ -333,12 +333,20 @@ def resolve_model_dir(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
+            problem = verify_checkpoint(path) if (path / "manifest.json").is_file() else None
+            if problem:  # a checkpoint or final_model whose files no longer match their manifest
+                raise EvalConfigError(f"model.name={name}: damaged ({problem})")
             return str(path)
         for run_dir in (path, path.parent if path.name == "checkpoints" else None):
-            if run_dir is not None:
-                latest = latest_checkpoint(run_dir)
-                if latest is not None and (latest / "config.json").is_file():
-                    return str(latest)
+            if run_dir is None:
+                continue
+            # The newest intact checkpoint of a run (checked against its manifest when it has one).
+            for ckpt in reversed(list_checkpoints(run_dir)):
+                problem = "no config.json" if not (ckpt / "config.json").is_file() else \
+                    verify_checkpoint(ckpt) if (ckpt / "manifest.json").is_file() else None
+                if problem is None:
+                    return str(ckpt)
+                print(f"checkpoint {ckpt} is damaged ({problem}); trying an older one")
         raise EvalConfigError(f"model.name={name}: not a model directory (no config.json), nor a run "
                               "directory with checkpoints/step_<N>/")
     looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") != 1 or path.exists()

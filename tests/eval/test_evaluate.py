@@ -297,3 +297,23 @@ def test_report_and_table():
     assert table.splitlines()[:3] == ["model            m", "dataset          countdown (test split, 3 prompts, k=2)",
                                       "greedy accuracy  0.3333"]
     assert "maj@2            0.2500" in table and "skipped rows     1" in table
+
+
+def test_resolve_model_dir_passes_over_damaged_checkpoints(tok, tmp_path, capsys):
+    """Checked against their manifests: a run dir gives its newest intact checkpoint (saying which
+    it passed over); a damaged checkpoint named explicitly is refused."""
+    from grpo_utils.models.tiny import build_model
+    from grpo_utils.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    model = build_model(tok, hidden_size=16, num_layers=1)
+    for step in (2, 4):
+        save_checkpoint(run, step, model, tok, {"step": step})
+    weights = run / "checkpoints" / "step_4" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-20:] = bytes(b ^ 0xFF for b in data[-20:])
+    weights.write_bytes(bytes(data))
+    assert resolve_model_dir(str(run)) == str(run / "checkpoints" / "step_2")
+    assert "checkpoints/step_4 is damaged (model.safetensors: checksum mismatch)" in capsys.readouterr().out
+    with pytest.raises(EvalConfigError, match=r"step_4: damaged \(model.safetensors: checksum mismatch\)$"):
+        resolve_model_dir(str(run / "checkpoints" / "step_4"))
