@@ -23,7 +23,6 @@ from grpo_utils.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 #: DeepSeekMath's KL coefficient, used when a reference model is given without ``kl_coef``.
 DEFAULT_KL_COEF = 0.04
-_DTYPES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 _PLAIN = re.compile(r"^[A-Za-z0-9_./\-]+$")
 
 
@@ -126,7 +125,10 @@ class GRPOTrainer:
             "eval.before_after": eval_dataset is not None, "eval.every_n_steps": 0, "eval.heldout_size": 0,
         }
         if self.model is not None:
-            o["model.dtype"] = _DTYPES.get(str(next(self.model.parameters()).dtype), "float32")
+            from grpo_utils.models.loading import DTYPES
+
+            dtype = next(self.model.parameters()).dtype
+            o["model.dtype"] = next((name for name, d in DTYPES.items() if d == dtype), "float32")
         if kl_coef is not None:
             o["loss.kl_coef"] = kl_coef
         if config.clip_range is not None:
