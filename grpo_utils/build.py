@@ -126,8 +126,10 @@ def reference(model: torch.nn.Module, device: torch.device | None = None) -> tor
     return ref.to(device) if device is not None else ref
 
 
-def trainer(cfg: DictConfig, model: torch.nn.Module, loss_fn: torch.nn.Module, ref_model=None):
-    """AdamW with warmup + cosine (``optimizer.*``) over ``train.*``'s mini-batches."""
+def trainer(cfg: DictConfig, model: torch.nn.Module, loss_fn: torch.nn.Module, ref_model=None, group=None):
+    """AdamW with warmup + cosine (``optimizer.*``) over ``train.*``'s mini-batches; sharded over
+    the trainer ranks of ``group`` (a :class:`~grpo_utils.distributed.ranks.RankGroup`) if given.
+    Collective then: every rank calls it."""
     from grpo_utils.train.trainer import PolicyTrainer
 
     o, t = cfg.optimizer, cfg.train
@@ -136,6 +138,10 @@ def trainer(cfg: DictConfig, model: torch.nn.Module, loss_fn: torch.nn.Module, r
         "max_grad_norm": o.clip_grad_norm, "warmup_steps": o.warmup_steps, "min_lr_ratio": o.min_lr_ratio,
         "max_steps": t.max_steps, "epochs": t.epochs, "optim_batch_size": t.optim_batch_size,
         "grad_accum_steps": t.grad_accum_steps})
+    if group is not None:
+        from grpo_utils.train.sharded import ShardedTrainer
+
+        return ShardedTrainer(model, loss_fn, settings, cfg.generation.temperature, group, ref_model)
     return PolicyTrainer(model, loss_fn, settings, cfg.generation.temperature, ref_model)
 
 

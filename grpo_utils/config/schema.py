@@ -42,7 +42,14 @@ class ModelConfig:
 
 @dataclass
 class TrainModelConfig:
-    num_devices: int = key(1, "devices the policy trains on (1: the `device`); more needs that many GPUs")
+    num_devices: int = key(1, "trainer ranks (FSDP2, one device each: GPUs from the `device`'s index, or "
+                           "CPU processes with device=cpu); rank 0 runs the loop")
+    num_nodes: int = key(1, "nodes the trainer ranks span (num_devices / num_nodes ranks per node); the other "
+                         "nodes join with python -m grpo_utils.distributed.ranks (see slurm/)")
+    rendezvous: str | None = key(None, "HOST:PORT where rank 0 meets the other ranks; null: a free local port "
+                                 "(required with num_nodes > 1)")
+    timeout_s: float = key(1800.0, "longest a trainer rank waits for the others (rank 0's rollouts and "
+                           "evaluations included) before the run stops")
     gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory")
 
 

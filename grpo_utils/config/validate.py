@@ -57,6 +57,7 @@ def validate(cfg: DictConfig, mode: str) -> None:
         n = cfg[section].num_devices
         _require(n >= 0, f"{section}.num_devices={n} must be >= 0")
     _require(cfg.train_model.num_devices >= 1, f"train_model.num_devices={cfg.train_model.num_devices} must be >= 1")
+    validate_ranks(cfg)
     validate_inference(cfg)
 
     env = cfg.env
@@ -130,6 +131,27 @@ def validate(cfg: DictConfig, mode: str) -> None:
     resolve_device(cfg.device)
 
 
+def validate_ranks(cfg: DictConfig) -> None:
+    """``train_model.*``'s ranks: how they split over nodes and how a mini-batch splits over them."""
+    tm, train = cfg.train_model, cfg.train
+    n, nodes = tm.num_devices, tm.num_nodes
+    _require(nodes >= 1 and n % nodes == 0,
+             f"train_model.num_nodes={nodes} must be >= 1 and divide train_model.num_devices={n} (ranks per node)")
+    _require(tm.timeout_s > 0, f"train_model.timeout_s={tm.timeout_s} must be > 0")
+    if tm.rendezvous is not None:
+        host, _, port = str(tm.rendezvous).rpartition(":")
+        _require(bool(host) and port.isdigit() and 0 < int(port) < 65536,
+                 f"train_model.rendezvous={tm.rendezvous!r}; expected HOST:PORT")
+    _require(nodes == 1 or tm.rendezvous is not None,
+             f"train_model.num_nodes={nodes} needs train_model.rendezvous=HOST:PORT (an address of rank 0's node "
+             "the other nodes reach)")
+    if n > 1:
+        micro = train.optim_batch_size // max(train.grad_accum_steps, 1)
+        _require(micro % n == 0, f"train.optim_batch_size={train.optim_batch_size} / train.grad_accum_steps="
+                                 f"{train.grad_accum_steps} = {micro} sequences per micro-batch must divide evenly "
+                                 f"over train_model.num_devices={n} ranks")
+
+
 def validate_inference(cfg: DictConfig) -> None:
     """``inference_model.*``: values, whether they fit the rollout and the collectors, and (for
     ``backend=vllm``) that vLLM is installed, all before any model loads."""
@@ -175,9 +197,6 @@ def validate_inference(cfg: DictConfig) -> None:
 def check_placement(cfg: DictConfig, mode: str, needs_reference: bool) -> None:
     """After the machine has been found big enough (``check_devices``): refuse the device layouts
     this version cannot run yet, naming the key, instead of ignoring the setting."""
-    n = cfg.train_model.num_devices
-    _require(n == 1, f"train_model.num_devices={n}: training across several devices is not available yet; "
-                     "use train_model.num_devices=1")
     if cfg.ref_model.num_devices:
         _require(needs_reference, f"ref_model.num_devices={cfg.ref_model.num_devices} but no reference model is "
                                   "loaded (loss.kl_coef=0)")

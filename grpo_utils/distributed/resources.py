@@ -134,20 +134,36 @@ def check_mode_options(cfg: DictConfig) -> None:
             raise ValueError(msg)
 
 
+def trainer_gpus(cfg: DictConfig, trainer_device: torch.device) -> int:
+    """GPUs the trainer ranks take on this node, from the trainer's device index on. Ranks run on
+    CPU only with ``device=cpu`` said explicitly (``auto`` without a GPU still asks for GPUs: a
+    multi-device run on a machine without them is a mistake, not a wish for CPU processes)."""
+    per_node = cfg.train_model.num_devices // cfg.train_model.num_nodes
+    if trainer_device.type == "cuda" or (per_node > 1 and str(cfg.device) != "cpu"):
+        return per_node
+    return 0
+
+
 def check_devices(cfg: DictConfig, trainer_device: torch.device, available_gpus: int | None = None) -> None:
     """``ValueError`` with one line when the GPUs the config asks for (trainer, reference, collectors
     on this machine) exceed what the machine has."""
     gpus = torch.cuda.device_count() if available_gpus is None else available_gpus
-    n_train = cfg.train_model.num_devices
+    n_train = trainer_gpus(cfg, trainer_device)
     parts = []
-    if trainer_device.type == "cuda" or n_train > 1:
-        parts.append((f"train_model.num_devices={n_train}", n_train))
+    if n_train:
+        nodes = cfg.train_model.num_nodes
+        per = f" / train_model.num_nodes={nodes}" if nodes > 1 else ""
+        parts.append((f"train_model.num_devices={cfg.train_model.num_devices}{per}", n_train))
     if cfg.ref_model.num_devices:
         parts.append((f"ref_model.num_devices={cfg.ref_model.num_devices}", cfg.ref_model.num_devices))
     total = inference_gpus(cfg)
     if total and mode_opt(cfg, "ray_address") is None:
         parts.append((f"inference_model.num_devices={total:g}", total))
     need = sum(n for _, n in parts)
+    first = trainer_device.index or 0
+    if n_train > 1 and first + n_train > gpus >= need:
+        raise ValueError(f"not enough GPUs: {n_train} trainer ranks from device={cfg.device} need cuda:{first}.."
+                         f"cuda:{first + n_train - 1}, but the machine has {gpus}")
     if parts:
         check_room("GPU", " + ".join(text for text, _ in parts) + f" = {need:g} GPUs", need, gpus,
                    f"the machine has {gpus}")
@@ -166,7 +182,7 @@ def plan_resources(cfg: DictConfig, trainer_device: torch.device,
                         num_collectors=num_collectors(cfg),
                         trainer_device_index=trainer_device.index or 0,
                         trainer_cpus=int(mode_opt(cfg, "trainer_cpus")),
-                        trainer_gpus=int(trainer_device.type == "cuda"))
+                        trainer_gpus=trainer_gpus(cfg, trainer_device))
     external = mode_opt(cfg, "ray_address") is not None  # the collectors then run on the joined cluster
     p = plan
     rows = (("CPU", p.collector_cpus, f"mode.trainer_cpus={p.trainer_cpus}", p.trainer_cpus, p.cluster_cpus),
@@ -223,7 +239,7 @@ def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
         if plan.ray_gpus and plan.trainer_gpus:
             # Ray hands out GPU ids from CUDA_VISIBLE_DEVICES: hide the trainer's so no collector shares it.
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(collector_gpu_ids(plan.trainer_device_index,
-                                                                            plan.cluster_gpus))
+                                                                            plan.cluster_gpus, plan.trainer_gpus))
         ray.init(address="local", num_cpus=math.ceil(plan.ray_cpus), num_gpus=math.ceil(plan.ray_gpus),
                  include_dashboard=False, logging_level="WARNING", log_to_driver=True, configure_logging=True)
         _watch_local_cluster()
@@ -265,11 +281,13 @@ def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
         return f"nothing answers at {host}:{port} ({e.strerror or e})"
 
 
-def collector_gpu_ids(trainer_index: int, total: int) -> list[str]:
-    """The GPUs Ray may give collectors: all but the trainer's (as listed by CUDA_VISIBLE_DEVICES)."""
+def collector_gpu_ids(trainer_index: int, total: int, trainer_count: int = 1) -> list[str]:
+    """The GPUs Ray may give collectors: all but the trainer ranks' (``trainer_count`` from
+    ``trainer_index``, as listed by CUDA_VISIBLE_DEVICES)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [i.strip() for i in visible.split(",") if i.strip()] if visible else [str(i) for i in range(total)]
-    return [gpu for i, gpu in enumerate(ids) if i != trainer_index]
+    taken = range(trainer_index, trainer_index + max(trainer_count, 1))
+    return [gpu for i, gpu in enumerate(ids) if i not in taken]
 
 
 def shutdown_ray(actors: list) -> None:

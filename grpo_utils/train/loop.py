@@ -21,6 +21,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from grpo_utils import build
+from grpo_utils.distributed import ranks
+from grpo_utils.distributed.ranks import RankFailed
 from grpo_utils.errors import CheckpointError, GRPOError, Terminated
 from grpo_utils.train import checkpoint as ckpt
 from grpo_utils.train import sources
@@ -58,10 +60,21 @@ class GRPOLoop:
         self.train_rows, self.heldout_rows = build.rows(cfg.env, cfg.eval.heldout_size)
         # Verified against its manifest (damaged newer ones passed over) before any model loads.
         point = ckpt.resume_point(cfg.resume, self.run_dir)
-        resume_from = point.path if point is not None else None
         if point is not None and point.note:
             print(point.note)
 
+        # The other trainer ranks start now and load their shards while this process loads the policy.
+        self.ranks = ranks.start(cfg, self.device) if cfg.train_model.num_devices > 1 else None
+        try:
+            self._build_parts(point)
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.abort()
+            raise
+
+    def _build_parts(self, point) -> None:
+        cfg = self.cfg
+        resume_from = point.path if point is not None else None
         given_model, given_tokenizer, given_ref = self._given
         if given_model is None:
             self.model, self.tokenizer = build.policy(cfg, self.device)
@@ -73,17 +86,18 @@ class GRPOLoop:
         self.renderer = build.renderer(cfg.env, self.tokenizer, self.train_rows[0])
         self.train_rows, self.heldout_rows = build.prompts_that_fit(cfg, self.model, self.tokenizer, self.renderer,
                                                                     train=self.train_rows, test=self.heldout_rows)
-        self.trainer = build.trainer(cfg, self.model, self.loss_fn, ref_model)
+        if point is not None:  # after the reference copied the initial policy, before the trainer shards it
+            ckpt.load_model_weights(resume_from, self.model)
+        self.trainer = build.trainer(cfg, self.model, self.loss_fn, ref_model, group=self.ranks)
         saved: dict[str, Any] = {}
         if point is not None:
-            ckpt.load_model_weights(resume_from, self.model)
             saved = point.state
             self.trainer.load_state_dict(saved["trainer"])
             self.state = TrainState.from_checkpoint(saved)
             self._checkpoint = resume_from
 
-        self.evaluate = build.held_out_evaluator(cfg, self.model, self.tokenizer, self.renderer, self.reward_fn,
-                                                 self.heldout_rows)
+        self._evaluate = build.held_out_evaluator(cfg, self.model, self.tokenizer, self.renderer, self.reward_fn,
+                                                  self.heldout_rows)
         try:
             self.logger = build.logger(cfg, self.run_dir, start_step=self.state.step)
         except OSError as error:  # metrics.jsonl could not be set up (e.g. a full disk)
@@ -115,6 +129,11 @@ class GRPOLoop:
         self.push_every = sources.push_every(cfg, self.mode)
         self.advantages = build.advantage_stage(cfg, self.loss_fn)
 
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the trained weights."""
+        self.trainer.publish()
+        return self._evaluate()
+
     def train(self) -> None:
         cfg, state = self.cfg, self.state
         # Plain ints: OmegaConf lookups on every step cost more than the loop's own work.
@@ -143,6 +162,7 @@ class GRPOLoop:
                     state.policy_version += 1
                     since_push = 0
                     if state.step < max_steps:
+                        self.trainer.publish()
                         self.source.sync_weights(self.model, state.policy_version)
                 if ckpt_every and state.step // ckpt_every > checkpoints_before:
                     self.save_checkpoint()  # at a batch boundary: resuming replays nothing, skips nothing
@@ -152,7 +172,7 @@ class GRPOLoop:
             # checkpoint: the last one written agrees with metrics.jsonl, and is named.
             failure = self._write_failure(error)
             saved = state.saved_step
-            if failure is None:
+            if failure is None and not isinstance(error, RankFailed):  # a lost rank cannot help save
                 try:
                     saved = self.save_checkpoint()
                 except CheckpointError as save_failed:
@@ -176,6 +196,7 @@ class GRPOLoop:
         saved step (-1: none)."""
         state = self.state
         if state.step > 0 and state.step != state.saved_step:
+            self.trainer.publish()
             payload = state.to_checkpoint(self.trainer.state_dict(), self.source.checkpoint_state())
             self._checkpoint = ckpt.save_checkpoint(self.run_dir, state.step, self.model, self.tokenizer, payload,
                                                     keep_last=self.cfg.checkpoint.keep_last,
@@ -202,7 +223,9 @@ class GRPOLoop:
                 extra |= {"heldout_accuracy_before": state.heldout_accuracy_before,
                           "heldout_accuracy_after": after["eval/accuracy"]}
             self.save_checkpoint()
+            self.trainer.publish()
             ckpt.save_final_model(self.run_dir, self.model, self.tokenizer, checkpoint=self._checkpoint)
+            self.trainer.close()
             self.logger.close()
             summary = write_summary(self.run_dir, steps_done=state.step,
                                     wall_time_s=time.perf_counter() - self.t_start, extra=extra)

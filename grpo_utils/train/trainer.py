@@ -75,10 +75,17 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
     return factor
 
 
+def _item(value: torch.Tensor) -> float:
+    """A scalar tensor's value; a sharded (DTensor) one is gathered first."""
+    full = getattr(value, "full_tensor", None)
+    return (full() if full is not None else value).item()
+
+
 class PolicyTrainer:
     def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, train_cfg,
                  temperature: float, ref_model: torch.nn.Module | None = None):
         self.model = model
+        self.policy = model  # what generates, is evaluated and saved: the trained module itself here
         self.loss_fn = loss_fn
         self.ref_model = ref_model
         self.temperature = temperature
@@ -106,17 +113,24 @@ class PolicyTrainer:
     def annotate(self, batch: TensorDict, need_behaviour: bool, micro_batch_size: int) -> None:
         """Adds behaviour (and reference) log-probs computed with the current weights."""
         if need_behaviour:
-            add_behaviour_log_probs(self.model, batch, self.temperature, micro_batch_size)
+            add_behaviour_log_probs(self.policy, batch, self.temperature, micro_batch_size)
         if self.ref_model is not None:
             batch["ref_log_probs"] = batch_log_probs(self.ref_model, batch, self.temperature, micro_batch_size)
 
     def optimizer_step(self, minibatch: TensorDict) -> dict[str, float]:
         """Forward/backward over micro-batches, clip, step. Returns averaged metrics."""
         t0 = time.perf_counter()
-        self.model.train()
         normalizer = BatchNormalizer.from_mask(minibatch["response_mask"])
+        sums = self._step(normalizer, minibatch.chunk(self.grad_accum_steps))
+        sums["time/train_s"] = time.perf_counter() - t0
+        return sums
+
+    def _step(self, normalizer: BatchNormalizer, micro_batches) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` whose loss denominators are ``normalizer``'s
+        (the whole mini-batch's, wherever its micro-batches are)."""
+        self.model.train()
         sums: dict[str, float] = {}
-        for mb in minibatch.chunk(self.grad_accum_steps):
+        for mb in micro_batches:
             log_probs, entropy = self._log_probs(self.model, mb, with_entropy=True)
             old = mb.get("old_log_probs", None)
             out = self.loss_fn(
@@ -129,17 +143,29 @@ class PolicyTrainer:
                 entropy=entropy,
                 normalizer=normalizer,
             )
-            out.loss.backward()
+            self._backward(out.loss)
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / self.grad_accum_steps
             sums["loss"] = sums.get("loss", 0.0) + out.loss.item()
+        sums = self._combine(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums.update({"grad_norm": grad_norm.item(), "lr": lr, "time/train_s": time.perf_counter() - t0})
+        sums.update({"grad_norm": _item(grad_norm), "lr": lr})
         return sums
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _combine(self, sums: dict[str, float]) -> dict[str, float]:
+        """The step's metrics over every process that computed part of it (here: one)."""
+        return sums
+
+    def publish(self) -> None:
+        """Make :attr:`policy` (the model the loop generates with, evaluates and saves) hold the
+        trained weights. It is the trained module itself here; a sharded trainer gathers."""
 
     def _fill_buffer(self, batch: TensorDict):
         """A TorchRL replay buffer (``LazyTensorStorage``, ``SamplerWithoutReplacement``) holding
@@ -178,9 +204,14 @@ class PolicyTrainer:
             metrics["tokens_per_s"] = tokens / (generate_s + t_train)
             yield metrics
 
+    def close(self) -> None:
+        """Release what the trainer started (the other ranks of a sharded trainer)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict[str, Any], optimizer: bool = True) -> None:
+        """``optimizer=False``: the schedule only (a sharded trainer restores its optimizer itself)."""
+        if optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,245 @@
+"""Trainer ranks: ``train_model.num_devices`` processes training one policy with FSDP2.
+
+Rank 0 is the recipe's own process: it runs the loop (rollout, rewards, logging, checkpoints)
+exactly as with one device, and drives the other ranks, which only train (see
+:class:`~grpo_utils.train.sharded.ShardedTrainer`). The recipe launches the ranks itself, like
+``torchrun`` would, so a user runs the same command for 1 or N devices:
+
+* on one node (``train_model.num_nodes=1``) rank 0 starts ranks 1..N-1 as child processes of
+  ``python -m grpo_utils.distributed.ranks``; they die with it (``PR_SET_PDEATHSIG``);
+* over several nodes, each other node runs one ``python -m grpo_utils.distributed.ranks
+  --address HOST:PORT --node-rank I`` (the sbatch scripts do), which starts that node's ranks.
+
+Every rank reads the run's resolved config from rank 0's TCP store (the rendezvous at
+``train_model.rendezvous``), so the joining nodes need no command line of their own and no
+Hydra run directory. Rank 0 sends each command to all ranks with one ``scatter_object_list``
+(each rank gets its own payload), which keeps the collectives in the same order on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from grpo_utils.errors import ConfigError, GRPOError
+
+_CONFIG_KEY = "grpo/config"
+_STORE_TIMEOUT = datetime.timedelta(minutes=10)  # joining nodes and local ranks starting up
+
+
+class RankFailed(GRPOError, RuntimeError):
+    """Another trainer rank stopped or cannot be reached (its own error is in its output)."""
+
+
+@dataclass
+class RankGroup:
+    """This process's place among the trainer ranks and the commands between them."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    children: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def send(self, name: str, payloads: list[Any] | None = None) -> Any:
+        """Rank 0: give every rank the command ``name`` with its own payload (``payloads[r]``;
+        None: no payload); returns rank 0's own payload."""
+        items = [(name, None if payloads is None else payloads[r]) for r in range(self.world_size)]
+        out: list[Any] = [None]
+        self._collective(dist.scatter_object_list, out, items, src=0)
+        return out[0][1]
+
+    def receive(self) -> tuple[str, Any]:
+        """Ranks > 0: the next command and this rank's payload."""
+        out: list[Any] = [None]
+        self._collective(dist.scatter_object_list, out, None, src=0)
+        return out[0]
+
+    def _collective(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise RankFailed(f"trainer rank communication failed: {str(e).splitlines()[0]}") from None
+
+    def abort(self) -> None:
+        """Rank 0 failed before the ranks reached their command loop: kill this node's, leave."""
+        for child in self.children:
+            child.kill()
+        self._leave()
+
+    def close(self) -> None:
+        """Stop the other ranks (rank 0) and leave the process group."""
+        if self.is_driver and dist.is_initialized():
+            try:
+                self.send("stop")
+            except RankFailed:
+                pass
+        self._leave()
+
+    def _leave(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for child in self.children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        self.children.clear()
+
+
+def ranks_per_node(cfg: DictConfig) -> int:
+    return cfg.train_model.num_devices // cfg.train_model.num_nodes
+
+
+def rank_device(base: torch.device, local_rank: int) -> torch.device:
+    """Rank ``r`` of a node trains on the node's ``r``-th GPU after the trainer's first (CPU ranks share the CPU)."""
+    if base.type != "cuda":
+        return base
+    return torch.device("cuda", (base.index or 0) + local_rank)
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timeout(cfg: DictConfig) -> datetime.timedelta:
+    return datetime.timedelta(seconds=cfg.train_model.timeout_s)
+
+
+def _init(store: dist.Store, rank: int, world_size: int, device: torch.device, cfg: DictConfig) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=world_size, timeout=_timeout(cfg))
+
+
+def start(cfg: DictConfig, device: torch.device) -> RankGroup:
+    """Rank 0 (the recipe's process): open the rendezvous, publish the resolved config, start
+    this node's other ranks and join the process group with them (and with the ranks the other
+    nodes start when they join)."""
+    world, per_node = cfg.train_model.num_devices, ranks_per_node(cfg)
+    address = cfg.train_model.rendezvous or f"127.0.0.1:{_free_port()}"
+    host, port = _split_address(address)
+    try:
+        store = dist.TCPStore(host if cfg.train_model.rendezvous else "127.0.0.1", port, world_size=None,
+                              is_master=True, timeout=_STORE_TIMEOUT, wait_for_workers=False)
+    except (RuntimeError, OSError) as e:
+        raise ConfigError(f"train_model.rendezvous={address}: cannot listen there ({str(e).splitlines()[0]})") \
+            from None
+    store.set(_CONFIG_KEY, OmegaConf.to_yaml(cfg, resolve=True))
+    children = [_spawn(f"127.0.0.1:{port}", rank=r, local_rank=r, world_size=world) for r in range(1, per_node)]
+    group = RankGroup(0, world, 0, device, children)
+    try:
+        _init(store, 0, world, device, cfg)
+    except BaseException:
+        group.close()
+        raise
+    return group
+
+
+def _spawn(address: str, rank: int, local_rank: int, world_size: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "grpo_utils.distributed.ranks", "--address", address, "--rank", str(rank),
+            "--local-rank", str(local_rank), "--world-size", str(world_size)]
+    return subprocess.Popen(args, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGKILL when the process that started it dies (Linux), so a rank
+    never outlives rank 0 waiting in a collective (e.g. after ``kill -9`` of the recipe)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _fetch_config(address: str) -> tuple[dist.Store, DictConfig]:
+    host, port = _split_address(address)
+    store = dist.TCPStore(host, port, is_master=False, timeout=_STORE_TIMEOUT)
+    return store, OmegaConf.create(store.get(_CONFIG_KEY).decode())
+
+
+def follow(address: str, rank: int, local_rank: int, world_size: int) -> None:
+    """A rank > 0: build this rank's shard of the policy and its optimizer from the run's config,
+    then carry out rank 0's commands until it says stop."""
+    from grpo_utils import build
+    from grpo_utils.config.validate import resolve_device, seed_everything
+    from grpo_utils.train.run import quiet_console
+
+    store, cfg = _fetch_config(address)
+    device = rank_device(resolve_device(cfg.device), local_rank)
+    torch.set_num_threads(cfg.num_threads or 1)
+    seed_everything(cfg.seed)
+    quiet_console()
+    _init(store, rank, world_size, device, cfg)
+    group = RankGroup(rank, world_size, local_rank, device)
+    try:
+        model, _ = build.policy(cfg, device)
+        trainer = build.trainer(cfg, model, build.loss(cfg.loss), group=group)
+        while True:
+            name, payload = group.receive()
+            if name == "stop":
+                break
+            trainer.follow(name, payload)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def join_node(address: str, node_rank: int) -> int:
+    """A node other than rank 0's: start its ranks and wait for them; returns the worst exit code."""
+    _, cfg = _fetch_config(address)
+    per_node, world = ranks_per_node(cfg), cfg.train_model.num_devices
+    if not 0 < node_rank < cfg.train_model.num_nodes:
+        raise ConfigError(f"--node-rank {node_rank}: train_model.num_nodes={cfg.train_model.num_nodes} "
+                          f"has nodes 1..{cfg.train_model.num_nodes - 1} to join")
+    children = [_spawn(address, rank=node_rank * per_node + r, local_rank=r, world_size=world)
+                for r in range(per_node)]
+    return max(child.wait() for child in children)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grpo_utils.distributed.ranks",
+                                     description="Join a GRPO run's trainer ranks (started by its recipe).")
+    parser.add_argument("--address", required=True, help="the run's train_model.rendezvous, HOST:PORT")
+    parser.add_argument("--node-rank", type=int, help="this node's index (1..num_nodes-1): start its ranks")
+    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--world-size", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        if args.node_rank is not None:
+            return join_node(args.address, args.node_rank)
+        follow(args.address, args.rank, args.local_rank, args.world_size)
+    except GRPOError as e:
+        print(f"trainer rank {args.rank if args.node_rank is None else 'node ' + str(args.node_rank)}: "
+              f"{e.one_line()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
