@@ -1,0 +1,86 @@
+"""FSDP2 trainer ranks (gloo on CPU): N ranks take the optimizer step one rank takes on the same
+mini-batch, and their checkpoints resume on any number of ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(model_dir: Path, out: Path, world: int, **options) -> dict:
+    """Run the worker on ``world`` ranks; rank 0's saved result."""
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), f"--model={model_dir}", f"--out={out}",
+                               f"--rank={r}", f"--world={world}", f"--port={port}", *args],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for r, (p, text) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"rank {r} failed:\n{text[-3000:]}"
+    return torch.load(out, weights_only=False)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from grpo_utils.models.tiny import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("sharded") / "model", hidden_size=32, num_layers=2, num_heads=2)
+
+
+@pytest.mark.parametrize("aggregation,accum", [("token_mean", 1), ("seq_mean_token_mean", 1), ("token_mean", 2),
+                                               ("seq_mean_token_mean", 2)])
+def test_two_ranks_take_the_one_rank_step(model_dir, tmp_path, aggregation, accum):
+    one = run_ranks(model_dir, tmp_path / "one.pt", 1, aggregation=aggregation, accum=accum, steps=2)
+    two = run_ranks(model_dir, tmp_path / "two.pt", 2, aggregation=aggregation, accum=accum, steps=2)
+    from safetensors.torch import load_file
+
+    initial = load_file(model_dir / "model.safetensors")  # lm_head is tied to the embedding: not saved
+    assert max_diff({k: one["weights"][k] for k in initial}, initial) > 1e-4  # the steps moved the weights
+    assert max_diff(one["weights"], two["weights"]) < 1e-6
+    for m1, m2 in zip(one["metrics"], two["metrics"], strict=True):
+        assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-7)
+        assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
+        assert m2["lr"] == m1["lr"]
+    # the gathered optimizer state is numbered as the one-device trainer numbers it
+    s1, s2 = one["trainer"]["optimizer"], two["trainer"]["optimizer"]
+    assert s1["param_groups"][0]["params"] == s2["param_groups"][0]["params"]
+    assert s1["state"].keys() == s2["state"].keys()
+    for i in s1["state"]:
+        assert torch.allclose(s1["state"][i]["exp_avg"], s2["state"][i]["exp_avg"], atol=1e-8)
+        assert torch.allclose(s1["state"][i]["exp_avg_sq"], s2["state"][i]["exp_avg_sq"], atol=1e-10)
+    assert one["trainer"]["scheduler"] == two["trainer"]["scheduler"]
+
+
+def test_checkpoints_move_between_world_sizes(model_dir, tmp_path):
+    """Step 1 on N ranks, step 2 on M ranks == two steps on one rank, for (N, M) = (2, 1), (1, 2)."""
+    straight = run_ranks(model_dir, tmp_path / "straight.pt", 1, steps=2)
+    for first, second in ((2, 1), (1, 2)):
+        half = run_ranks(model_dir, tmp_path / f"half{first}.pt", first, steps=1)
+        torch.save(half["weights"], tmp_path / "w.pt")
+        torch.save(half["trainer"], tmp_path / "t.pt")
+        resumed = run_ranks(model_dir, tmp_path / f"resumed{second}.pt", second, steps=1,
+                            weights=tmp_path / "w.pt", trainer_state=tmp_path / "t.pt")
+        assert max_diff(straight["weights"], resumed["weights"]) < 1e-6, (first, second)
+        assert resumed["metrics"][0]["lr"] == straight["metrics"][1]["lr"]
