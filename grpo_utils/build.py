@@ -118,12 +118,39 @@ def given_policy(cfg: DictConfig, model: torch.nn.Module, tokenizer, device: tor
     return prepare_policy(model, tokenizer, device, cfg.train_model.gradient_checkpointing), tokenizer
 
 
-def reference(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
-    """A frozen copy of ``model`` (the initial policy, or a given reference) on ``device``."""
-    from grpo_utils.models.loading import make_reference
+def check_given_reference(cfg: DictConfig, given: torch.nn.Module | None) -> None:
+    """A reference handed over in memory (the Python API) and ``ref_model.path`` exclude each other;
+    called before any model loads."""
+    if given is not None and OmegaConf.select(cfg, "ref_model.path") is not None:
+        raise ConfigError(f"ref_model.path={cfg.ref_model.path} and an in-memory ref_model= are both given; "
+                          "pass one")
 
-    ref = make_reference(model)
-    return ref.to(device) if device is not None else ref
+
+def reference(cfg: DictConfig, policy: torch.nn.Module, trainer_device: torch.device,
+              given: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The frozen reference, on the device of ``ref_model.device``/``num_devices``
+    (:func:`~grpo_utils.distributed.resources.reference_device`): a copy of ``given`` (an in-memory
+    reference) or of the initial ``policy``, or ``ref_model.path`` loaded in ``model.dtype``, which
+    must share the policy's vocabulary (else a one-line :class:`ConfigError`)."""
+    from grpo_utils.distributed.resources import reference_device
+    from grpo_utils.models.loading import DTYPES, load_reference, make_reference, resolve_model_path
+
+    check_given_reference(cfg, given)
+    try:
+        device = reference_device(cfg, trainer_device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    path = cfg.ref_model.path
+    if path is None:
+        # Copied where the policy is, then moved: the copy is briefly doubled there, before any
+        # optimizer state exists (so below the training peak).
+        return make_reference(policy if given is None else given).to(device)
+    ref = load_reference(resolve_model_path(path), DTYPES[cfg.model.dtype])
+    ours, theirs = getattr(policy.config, "vocab_size", None), getattr(ref.config, "vocab_size", None)
+    if ours != theirs:
+        raise ConfigError(f"ref_model.path={path} has vocab_size={theirs} but the policy (model.name="
+                          f"{cfg.model.name}) has vocab_size={ours}; the reference must share the policy's vocabulary")
+    return ref.to(device)
 
 
 def trainer(cfg: DictConfig, model: torch.nn.Module, loss_fn: torch.nn.Module, ref_model=None, group=None):

@@ -53,13 +53,20 @@ def response_log_probs(
 @torch.no_grad()
 def batch_log_probs(model, batch, temperature: float, micro_batch_size: int) -> torch.Tensor:
     """Log-probs ``[B, T]`` of a batch's response tokens under ``model``, without gradients, in
-    eval mode, ``micro_batch_size`` sequences at a time (the model's mode is restored)."""
+    eval mode, ``micro_batch_size`` sequences at a time (the model's mode is restored).
+
+    ``model`` may live on another device than the batch (a reference on a device of its own): each
+    micro-batch's inputs go to the model's device and the result comes back to the batch's."""
     was_training = model.training
     model.eval()
+    param = next(model.parameters(), None)
+    batch_device = batch["input_ids"].device
+    model_device = batch_device if param is None else param.device
     out = []
     for mb in batch.split(micro_batch_size):
         start = mb["input_ids"].shape[1] - mb["response_mask"].shape[1]
-        out.append(response_log_probs(model, mb["input_ids"], mb["attention_mask"], start, temperature)[0])
+        ids, mask = mb["input_ids"].to(model_device), mb["attention_mask"].to(model_device)
+        out.append(response_log_probs(model, ids, mask, start, temperature)[0].to(batch_device))
     model.train(was_training)
     return torch.cat(out)
 

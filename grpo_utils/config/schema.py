@@ -55,8 +55,12 @@ class TrainModelConfig:
 
 @dataclass
 class RefModelConfig:
-    num_devices: int = key(0, "devices of its own for the frozen reference (used when loss.kl_coef > 0); "
-                           "0: on the trainer's device")
+    path: str | None = key(None, "model directory or hub name loaded (in model.dtype) as the frozen reference; "
+                           "same vocabulary as the policy; null: a copy of the initial policy")
+    num_devices: int = key(0, "devices of its own for the frozen reference (used when loss.kl_coef > 0): "
+                           "0: on the trainer's device; 1: the next GPU after the trainer's and inference's")
+    device: str | None = key(None, "where the reference lives (cpu, cuda:N), instead of ref_model.num_devices; "
+                             "null: decided by ref_model.num_devices")
 
 
 @dataclass
@@ -270,7 +274,7 @@ class GRPOConfig:
     logger: Any = key(None, "group: none | wandb (config/logger/)")
     model: ModelConfig = section(ModelConfig, "the policy")
     train_model: TrainModelConfig = section(TrainModelConfig, "where and how the policy trains")
-    ref_model: RefModelConfig = section(RefModelConfig, "where the frozen reference lives")
+    ref_model: RefModelConfig = section(RefModelConfig, "the frozen KL reference: what it is and where it lives")
     inference_model: InferenceModelConfig = section(InferenceModelConfig, "where completions are generated")
     optimizer: OptimizerConfig = section(OptimizerConfig, "optimizer and LR schedule")
     env: EnvConfig = section(EnvConfig, "prompts: dataset, template, batch shape")

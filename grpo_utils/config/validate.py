@@ -58,6 +58,7 @@ def validate(cfg: DictConfig, mode: str) -> None:
         _require(n >= 0, f"{section}.num_devices={n} must be >= 0")
     _require(cfg.train_model.num_devices >= 1, f"train_model.num_devices={cfg.train_model.num_devices} must be >= 1")
     validate_ranks(cfg)
+    validate_ref_model(cfg.ref_model)
     validate_inference(cfg)
 
     env = cfg.env
@@ -152,6 +153,26 @@ def validate_ranks(cfg: DictConfig) -> None:
                                  f"over train_model.num_devices={n} ranks")
 
 
+def validate_ref_model(ref: DictConfig) -> None:
+    """``ref_model.*`` values on their own; the machine and ``loss.kl_coef`` are checked later
+    (``check_devices``, :func:`check_placement`)."""
+    path, device = ref.path, ref.device
+    _require(path is None or path.strip() != "", "ref_model.path is empty; expected a model directory, a hub name "
+                                                 "or null (a copy of the initial policy)")
+    _require(path is None or not path.startswith(BUILTIN_PREFIX) or path == "builtin:quickstart",
+             f"ref_model.path={path!r} is unknown; the only builtin is 'builtin:quickstart'")
+    _require(device is None or not ref.num_devices,
+             f"ref_model.device={device} and ref_model.num_devices={ref.num_devices} are both set; set one "
+             "(device places the reference, num_devices=1 gives it the next free GPU)")
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError, ValueError):
+            kind = None
+        _require(kind in ("cpu", "cuda"), f"ref_model.device={device!r} is not supported; expected null, cpu, "
+                                          "cuda or cuda:N")
+
+
 def validate_inference(cfg: DictConfig) -> None:
     """``inference_model.*``: values, whether they fit the rollout and the collectors, and (for
     ``backend=vllm``) that vLLM is installed, all before any model loads."""
@@ -196,12 +217,16 @@ def validate_inference(cfg: DictConfig) -> None:
 
 def check_placement(cfg: DictConfig, mode: str, needs_reference: bool) -> None:
     """After the machine has been found big enough (``check_devices``): refuse the device layouts
-    this version cannot run yet, naming the key, instead of ignoring the setting."""
-    if cfg.ref_model.num_devices:
-        _require(needs_reference, f"ref_model.num_devices={cfg.ref_model.num_devices} but no reference model is "
-                                  "loaded (loss.kl_coef=0)")
-        raise ConfigError(f"ref_model.num_devices={cfg.ref_model.num_devices}: a reference on devices of its own "
-                          "is not available yet; use ref_model.num_devices=0 (on the trainer's device)")
+    this version cannot run yet, naming the key, instead of ignoring the setting; and a
+    ``ref_model.*`` setting without a reference, or a ``ref_model.path`` that is not a model."""
+    ref = cfg.ref_model
+    for name in ("path", "device", "num_devices"):
+        _require(not ref[name] or needs_reference,
+                 f"ref_model.{name}={ref[name]} but no reference model is loaded (loss.kl_coef=0)")
+    _require(ref.num_devices <= 1, f"ref_model.num_devices={ref.num_devices}: a reference over several devices is "
+                                   "not supported (it only runs forward passes); use ref_model.num_devices=1")
+    if ref.path is not None:
+        check_model_name(ref.path, key="ref_model.path")
     _require(not cfg.inference_model.num_devices or mode == "async" or cfg.mode.ray,
              f"inference_model.num_devices={cfg.inference_model.num_devices:g} needs mode.ray=true or grpo-async.py: "
              "locally the generator is the training module, on its device")
@@ -236,22 +261,22 @@ def reward_config(cfg: DictConfig) -> dict:
     return reward
 
 
-def check_model_name(name: str) -> None:
-    """``model.name`` that names a local directory (it exists, or it is written as a path: absolute,
-    ``./``, ``../``, ``~``, or more parts than a hub ``org/name``) must be a model directory
-    (``config.json``); anything else is left to the hub. No network."""
+def check_model_name(name: str, key: str = "model.name") -> None:
+    """``model.name`` (or the model path ``key`` names) that names a local directory (it exists, or
+    it is written as a path: absolute, ``./``, ``../``, ``~``, or more parts than a hub ``org/name``)
+    must be a model directory (``config.json``); anything else is left to the hub. No network."""
     if name.startswith(BUILTIN_PREFIX):
         return
     path = Path(name).expanduser()
     if path.is_dir():
         _require((path / "config.json").is_file(),
-                 f"model.name={name} is a directory without config.json; expected a Hugging Face model directory "
+                 f"{key}={name} is a directory without config.json; expected a Hugging Face model directory "
                  "(e.g. a run's final_model/ or checkpoints/step_<N>/) or a hub name org/name")
         return
-    _require(not path.exists(), f"model.name={name} is a file; expected a model directory or a hub name org/name")
+    _require(not path.exists(), f"{key}={name} is a file; expected a model directory or a hub name org/name")
     looks_local = (name.startswith(("/", "./", "../", "~")) or name in (".", "..")
                    or name.count(os.sep) > 1 or (os.altsep is not None and os.altsep in name))
-    _require(not looks_local, f"model.name={name}: no such directory; expected a local model directory or a hub "
+    _require(not looks_local, f"{key}={name}: no such directory; expected a local model directory or a hub "
                               "name org/name")
 
 

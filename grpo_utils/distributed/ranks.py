@@ -6,8 +6,8 @@ exactly as with one device, and drives the other ranks, which only train (see
 ``torchrun`` would, so a user runs the same command for 1 or N devices:
 
 * on one node (``train_model.num_nodes=1``) rank 0 starts ranks 1..N-1 as child processes of
-  ``python -m grpo_utils.distributed.ranks``; they die with it (``PR_SET_PDEATHSIG``);
-* over several nodes, each other node runs one ``python -m grpo_utils.distributed.ranks
+  ``python -m grpo_utils.distributed.join``; they die with it (``PR_SET_PDEATHSIG``);
+* over several nodes, each other node runs one ``python -m grpo_utils.distributed.join
   --address HOST:PORT --node-rank I`` (the sbatch scripts do), which starts that node's ranks.
 
 Every rank reads the run's resolved config from rank 0's TCP store (the rendezvous at
@@ -18,10 +18,8 @@ Hydra run directory. Rank 0 sends each command to all ranks with one ``scatter_o
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import datetime
-import os
 import signal
 import socket
 import subprocess
@@ -114,7 +112,7 @@ def rank_device(base: torch.device, local_rank: int) -> torch.device:
     return torch.device("cuda", (base.index or 0) + local_rank)
 
 
-def _split_address(address: str) -> tuple[str, int]:
+def split_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
 
@@ -129,7 +127,7 @@ def _timeout(cfg: DictConfig) -> datetime.timedelta:
     return datetime.timedelta(seconds=cfg.train_model.timeout_s)
 
 
-def _init(store: dist.Store, rank: int, world_size: int, device: torch.device, cfg: DictConfig) -> None:
+def init_group(store: dist.Store, rank: int, world_size: int, device: torch.device, cfg: DictConfig) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
@@ -142,7 +140,7 @@ def start(cfg: DictConfig, device: torch.device) -> RankGroup:
     nodes start when they join)."""
     world, per_node = cfg.train_model.num_devices, ranks_per_node(cfg)
     address = cfg.train_model.rendezvous or f"127.0.0.1:{_free_port()}"
-    host, port = _split_address(address)
+    host, port = split_address(address)
     try:
         store = dist.TCPStore(host if cfg.train_model.rendezvous else "127.0.0.1", port, world_size=None,
                               is_master=True, timeout=_STORE_TIMEOUT, wait_for_workers=False)
@@ -150,18 +148,18 @@ def start(cfg: DictConfig, device: torch.device) -> RankGroup:
         raise ConfigError(f"train_model.rendezvous={address}: cannot listen there ({str(e).splitlines()[0]})") \
             from None
     store.set(_CONFIG_KEY, OmegaConf.to_yaml(cfg, resolve=True))
-    children = [_spawn(f"127.0.0.1:{port}", rank=r, local_rank=r, world_size=world) for r in range(1, per_node)]
+    children = [spawn_rank(f"127.0.0.1:{port}", rank=r, local_rank=r, world_size=world) for r in range(1, per_node)]
     group = RankGroup(0, world, 0, device, children)
     try:
-        _init(store, 0, world, device, cfg)
+        init_group(store, 0, world, device, cfg)
     except BaseException:
         group.close()
         raise
     return group
 
 
-def _spawn(address: str, rank: int, local_rank: int, world_size: int) -> subprocess.Popen:
-    args = [sys.executable, "-m", "grpo_utils.distributed.ranks", "--address", address, "--rank", str(rank),
+def spawn_rank(address: str, rank: int, local_rank: int, world_size: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "grpo_utils.distributed.join", "--address", address, "--rank", str(rank),
             "--local-rank", str(local_rank), "--world-size", str(world_size)]
     return subprocess.Popen(args, preexec_fn=_die_with_parent)
 
@@ -175,71 +173,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _fetch_config(address: str) -> tuple[dist.Store, DictConfig]:
-    host, port = _split_address(address)
+def fetch_config(address: str) -> tuple[dist.Store, DictConfig]:
+    """The run's resolved config from rank 0's store at ``address`` (HOST:PORT)."""
+    host, port = split_address(address)
     store = dist.TCPStore(host, port, is_master=False, timeout=_STORE_TIMEOUT)
     return store, OmegaConf.create(store.get(_CONFIG_KEY).decode())
-
-
-def follow(address: str, rank: int, local_rank: int, world_size: int) -> None:
-    """A rank > 0: build this rank's shard of the policy and its optimizer from the run's config,
-    then carry out rank 0's commands until it says stop."""
-    from grpo_utils import build
-    from grpo_utils.config.validate import resolve_device, seed_everything
-    from grpo_utils.train.run import quiet_console
-
-    store, cfg = _fetch_config(address)
-    device = rank_device(resolve_device(cfg.device), local_rank)
-    torch.set_num_threads(cfg.num_threads or 1)
-    seed_everything(cfg.seed)
-    quiet_console()
-    _init(store, rank, world_size, device, cfg)
-    group = RankGroup(rank, world_size, local_rank, device)
-    try:
-        model, _ = build.policy(cfg, device)
-        trainer = build.trainer(cfg, model, build.loss(cfg.loss), group=group)
-        while True:
-            name, payload = group.receive()
-            if name == "stop":
-                break
-            trainer.follow(name, payload)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def join_node(address: str, node_rank: int) -> int:
-    """A node other than rank 0's: start its ranks and wait for them; returns the worst exit code."""
-    _, cfg = _fetch_config(address)
-    per_node, world = ranks_per_node(cfg), cfg.train_model.num_devices
-    if not 0 < node_rank < cfg.train_model.num_nodes:
-        raise ConfigError(f"--node-rank {node_rank}: train_model.num_nodes={cfg.train_model.num_nodes} "
-                          f"has nodes 1..{cfg.train_model.num_nodes - 1} to join")
-    children = [_spawn(address, rank=node_rank * per_node + r, local_rank=r, world_size=world)
-                for r in range(per_node)]
-    return max(child.wait() for child in children)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grpo_utils.distributed.ranks",
-                                     description="Join a GRPO run's trainer ranks (started by its recipe).")
-    parser.add_argument("--address", required=True, help="the run's train_model.rendezvous, HOST:PORT")
-    parser.add_argument("--node-rank", type=int, help="this node's index (1..num_nodes-1): start its ranks")
-    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--local-rank", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--world-size", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        if args.node_rank is not None:
-            return join_node(args.address, args.node_rank)
-        follow(args.address, args.rank, args.local_rank, args.world_size)
-    except GRPOError as e:
-        print(f"trainer rank {args.rank if args.node_rank is None else 'node ' + str(args.node_rank)}: "
-              f"{e.one_line()}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

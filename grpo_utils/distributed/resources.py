@@ -69,6 +69,7 @@ class ResourcePlan:
     trainer_cpus: int
     trainer_gpus: int
     trainer_device_index: int = 0
+    reference_gpu: int | None = None  # the reference's own GPU (ref_model.num_devices=1), kept from collectors
 
     @property
     def ray_cpus(self) -> float:
@@ -138,15 +139,60 @@ def trainer_gpus(cfg: DictConfig, trainer_device: torch.device) -> int:
     """GPUs the trainer ranks take on this node, from the trainer's device index on. Ranks run on
     CPU only with ``device=cpu`` said explicitly (``auto`` without a GPU still asks for GPUs: a
     multi-device run on a machine without them is a mistake, not a wish for CPU processes)."""
-    per_node = cfg.train_model.num_devices // cfg.train_model.num_nodes
-    if trainer_device.type == "cuda" or (per_node > 1 and str(cfg.device) != "cpu"):
+    per_node = (OmegaConf.select(cfg, "train_model.num_devices", default=1)
+                // OmegaConf.select(cfg, "train_model.num_nodes", default=1))
+    if trainer_device.type == "cuda" or (per_node > 1 and str(OmegaConf.select(cfg, "device")) != "cpu"):
         return per_node
     return 0
 
 
+def needs_reference(cfg: DictConfig) -> bool:
+    """A reference model is loaded exactly when a KL-to-reference term is on (``loss.kl_coef`` > 0)."""
+    return (OmegaConf.select(cfg, "loss.kl_coef", default=0) or 0) > 0
+
+
+def _local_inference_gpus(cfg: DictConfig) -> int:
+    """Whole GPUs the collectors take on this machine (none when they run on a joined cluster)."""
+    return math.ceil(inference_gpus(cfg)) if mode_opt(cfg, "ray_address") is None else 0
+
+
+def gpu_order(trainer_device: torch.device, trainer_gpus: int, total: int) -> list[int]:
+    """This machine's GPU indices in the order they are handed out: the trainer's
+    (``trainer_gpus`` from its device index) first, then the others by index. Collectors take the
+    next ones (:func:`collector_gpu_ids`), the reference the one after them (:func:`reference_device`)."""
+    start = (trainer_device.index or 0) if trainer_device.type == "cuda" else 0
+    own = list(range(start, start + trainer_gpus))
+    return own + [i for i in range(total) if i not in own]
+
+
+def reference_device(cfg: DictConfig, trainer_device: torch.device,
+                     available_gpus: int | None = None) -> torch.device:
+    """Where the frozen reference lives: ``ref_model.device`` as given; else with
+    ``ref_model.num_devices=0`` the trainer's device, with ``1`` the GPU after the trainer's and
+    the local inference GPUs (:func:`gpu_order`). ``ValueError`` (one line) for a GPU the machine
+    lacks."""
+    gpus = torch.cuda.device_count() if available_gpus is None else available_gpus
+    name = OmegaConf.select(cfg, "ref_model.device", default=None)
+    if name is not None:
+        device = torch.device(name)
+        if device.type == "cuda" and (device.index or 0) >= gpus:
+            have = f"cuda:0 .. cuda:{gpus - 1}" if gpus else "none"
+            raise ValueError(f"ref_model.device={name} but the machine has {gpus} GPU(s) ({have})")
+        return device
+    if not cfg.ref_model.num_devices:
+        return trainer_device
+    n_train, n_inference = trainer_gpus(cfg, trainer_device), _local_inference_gpus(cfg)
+    order = gpu_order(trainer_device, n_train, gpus)
+    slot = n_train + n_inference  # the reference's place in the order
+    if slot >= len(order):
+        check_room("GPU", f"trainer {n_train} + inference_model.num_devices={n_inference} + ref_model.num_devices=1 "
+                          f"= {slot + 1} GPUs", slot + 1, gpus, f"the machine has {gpus}")
+    return torch.device("cuda", order[slot])
+
+
 def check_devices(cfg: DictConfig, trainer_device: torch.device, available_gpus: int | None = None) -> None:
     """``ValueError`` with one line when the GPUs the config asks for (trainer, reference, collectors
-    on this machine) exceed what the machine has."""
+    on this machine) exceed what the machine has, or ``ref_model.device`` names a GPU it lacks."""
     gpus = torch.cuda.device_count() if available_gpus is None else available_gpus
     n_train = trainer_gpus(cfg, trainer_device)
     parts = []
@@ -167,6 +213,8 @@ def check_devices(cfg: DictConfig, trainer_device: torch.device, available_gpus:
     if parts:
         check_room("GPU", " + ".join(text for text, _ in parts) + f" = {need:g} GPUs", need, gpus,
                    f"the machine has {gpus}")
+    if needs_reference(cfg) and cfg.ref_model.num_devices <= 1:  # more: refused by check_placement
+        reference_device(cfg, trainer_device, gpus)
 
 
 def plan_resources(cfg: DictConfig, trainer_device: torch.device,
@@ -183,6 +231,9 @@ def plan_resources(cfg: DictConfig, trainer_device: torch.device,
                         trainer_device_index=trainer_device.index or 0,
                         trainer_cpus=int(mode_opt(cfg, "trainer_cpus")),
                         trainer_gpus=trainer_gpus(cfg, trainer_device))
+    if needs_reference(cfg) and OmegaConf.select(cfg, "ref_model.num_devices", default=0) == 1:
+        # A GPU of its own, kept from the collectors (an explicit ref_model.device may share one).
+        plan.reference_gpu = reference_device(cfg, trainer_device, gpus).index
     external = mode_opt(cfg, "ray_address") is not None  # the collectors then run on the joined cluster
     p = plan
     rows = (("CPU", p.collector_cpus, f"mode.trainer_cpus={p.trainer_cpus}", p.trainer_cpus, p.cluster_cpus),
@@ -236,10 +287,12 @@ def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is None:
-        if plan.ray_gpus and plan.trainer_gpus:
-            # Ray hands out GPU ids from CUDA_VISIBLE_DEVICES: hide the trainer's so no collector shares it.
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(collector_gpu_ids(plan.trainer_device_index,
-                                                                            plan.cluster_gpus, plan.trainer_gpus))
+        if plan.ray_gpus and (plan.trainer_gpus or plan.reference_gpu is not None):
+            # Ray hands out GPU ids from CUDA_VISIBLE_DEVICES: hide the trainer's and the reference's
+            # so no collector shares them.
+            trainer_index = plan.trainer_device_index if plan.trainer_gpus else None
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(collector_gpu_ids(trainer_index, plan.cluster_gpus,
+                                                                            plan.reference_gpu, plan.trainer_gpus))
         ray.init(address="local", num_cpus=math.ceil(plan.ray_cpus), num_gpus=math.ceil(plan.ray_gpus),
                  include_dashboard=False, logging_level="WARNING", log_to_driver=True, configure_logging=True)
         _watch_local_cluster()
@@ -281,12 +334,15 @@ def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
         return f"nothing answers at {host}:{port} ({e.strerror or e})"
 
 
-def collector_gpu_ids(trainer_index: int, total: int, trainer_count: int = 1) -> list[str]:
+def collector_gpu_ids(trainer_index: int | None, total: int, reference_index: int | None = None,
+                      trainer_count: int = 1) -> list[str]:
     """The GPUs Ray may give collectors: all but the trainer ranks' (``trainer_count`` from
-    ``trainer_index``, as listed by CUDA_VISIBLE_DEVICES)."""
+    ``trainer_index``) and the reference's (indices into CUDA_VISIBLE_DEVICES when set), in
+    :func:`gpu_order`."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = [i.strip() for i in visible.split(",") if i.strip()] if visible else [str(i) for i in range(total)]
-    taken = range(trainer_index, trainer_index + max(trainer_count, 1))
+    taken = set() if trainer_index is None else set(range(trainer_index, trainer_index + max(trainer_count, 1)))
+    taken.add(reference_index)
     return [gpu for i, gpu in enumerate(ids) if i not in taken]
 
 

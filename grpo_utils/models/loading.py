@@ -53,7 +53,17 @@ def prepare_policy(model: torch.nn.Module, tokenizer, device: torch.device,
 
 def make_reference(policy: torch.nn.Module) -> torch.nn.Module:
     """A frozen copy of the initial policy (only built when a KL-to-reference term is on)."""
-    ref = copy.deepcopy(policy).eval()
-    for p in ref.parameters():
+    return freeze(copy.deepcopy(policy))
+
+
+def load_reference(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen reference loaded from ``path`` (a resolved model directory or hub name), on the CPU."""
+    return freeze(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode without gradients (the reference only runs forward passes)."""
+    model.eval()
+    for p in model.parameters():
         p.requires_grad_(False)
-    return ref
+    return model

@@ -55,6 +55,7 @@ class GRPOLoop:
     def setup(self) -> None:
         cfg = self.cfg
         self.device = prepare_process(cfg, self.mode)
+        build.check_given_reference(cfg, self._given[2])  # before any model loads
         self.loss_fn = build.loss(cfg.loss)
         self.reward_fn = build.reward(cfg)
         self.train_rows, self.heldout_rows = build.rows(cfg.env, cfg.eval.heldout_size)
@@ -82,7 +83,7 @@ class GRPOLoop:
             self.model, self.tokenizer = build.given_policy(cfg, given_model, given_tokenizer, self.device)
         ref_model = None
         if self.loss_fn.needs_reference:
-            ref_model = build.reference(self.model if given_ref is None else given_ref, self.device)
+            ref_model = build.reference(cfg, self.model, self.device, given=given_ref)
         self.renderer = build.renderer(cfg.env, self.tokenizer, self.train_rows[0])
         self.train_rows, self.heldout_rows = build.prompts_that_fit(cfg, self.model, self.tokenizer, self.renderer,
                                                                     train=self.train_rows, test=self.heldout_rows)

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 
 from grpo_utils.algo.losses import BatchNormalizer
-from grpo_utils.distributed.ranks import RankGroup
 from grpo_utils.train.trainer import PolicyTrainer
+
+if TYPE_CHECKING:
+    from grpo_utils.distributed.ranks import RankGroup
 
 
 def shard_policy(model: torch.nn.Module) -> torch.nn.Module:

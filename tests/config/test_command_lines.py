@@ -39,11 +39,16 @@ def test_devices_line_reaches_the_resource_check(mode):
         check(line, mode)
 
 
-def test_devices_line_on_a_big_enough_machine_names_what_is_not_built_yet():
+def test_devices_line_on_a_big_enough_machine_checks_the_reference():
+    """TorchRL's device line passes the machine check on 8 GPUs; two trainer ranks are built now,
+    the reference needs a KL term and runs on one device (it only runs forward passes)."""
     line = "mode=sync train_model.num_devices=2 ref_model.num_devices=2 inference_model.num_devices=2"
-    with pytest.raises(ConfigError, match=r"^train_model.num_devices=2: training across several devices is not "
-                                          r"available yet"):
+    with pytest.raises(ConfigError, match=r"^ref_model.num_devices=2 but no reference model is loaded "
+                                          r"\(loss.kl_coef=0\)$"):
         check(line, gpus=8)
+    with pytest.raises(ConfigError, match=r"^ref_model.num_devices=2: a reference over several devices is not "
+                                          r"supported"):
+        check(line + " loss.kl_coef=0.1", gpus=8)
 
 
 def test_ifeval_config_name_needs_its_data_path():
