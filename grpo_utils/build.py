@@ -103,25 +103,39 @@ def prompts_that_fit(cfg: DictConfig, model, tokenizer, render, report: bool = T
 
 
 def policy(cfg: DictConfig, device: torch.device, for_training: bool = True):
-    """The policy and its tokenizer (``model.*``; ``train_model.*`` when it is the trained copy)."""
+    """The policy and its tokenizer (``model.*``; ``train_model.*`` when it is the trained copy:
+    then with LoRA adapters when ``train_model.lora.enabled``; a copy that only generates, such as
+    a Ray collector's, stays a plain model that receives merged weights)."""
     from grpo_utils.models.loading import load_policy
 
     checkpointing = for_training and cfg.train_model.gradient_checkpointing
     model, tokenizer, _ = load_policy(cfg.model, device, gradient_checkpointing=checkpointing)
-    return model, tokenizer
+    return (_with_lora(cfg, model) if for_training else model), tokenizer
 
 
 def given_policy(cfg: DictConfig, model: torch.nn.Module, tokenizer, device: torch.device):
     """A policy handed over in memory, prepared as :func:`policy` prepares a loaded one."""
     from grpo_utils.models.loading import prepare_policy
 
-    return prepare_policy(model, tokenizer, device, cfg.train_model.gradient_checkpointing), tokenizer
+    return _with_lora(cfg, prepare_policy(model, tokenizer, device, cfg.train_model.gradient_checkpointing)), tokenizer
+
+
+def _with_lora(cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module:
+    if not cfg.train_model.lora.enabled:
+        return model
+    from grpo_utils.models.lora import apply_lora
+
+    return apply_lora(model, cfg.train_model.lora)
 
 
 def reference(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
-    """A frozen copy of ``model`` (the initial policy, or a given reference) on ``device``."""
+    """A frozen copy of ``model`` (the initial policy, or a given reference) on ``device``; for a
+    LoRA policy, the policy itself with its adapters switched off (its frozen base: no copy)."""
     from grpo_utils.models.loading import make_reference
+    from grpo_utils.models.lora import AdaptersDisabled, is_lora
 
+    if is_lora(model):
+        return AdaptersDisabled(model)
     ref = make_reference(model)
     return ref.to(device) if device is not None else ref
 

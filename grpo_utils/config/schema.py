@@ -41,9 +41,22 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = key(False, "train low-rank adapters (PEFT LoRA) instead of all weights; the reference is the "
+                        "base with adapters off, generators and checkpoints get the merged weights")
+    r: int = key(8, "adapter rank")
+    alpha: float = key(16.0, "adapter scale numerator: the update is B @ A * alpha / r")
+    dropout: float = key(0.0, "dropout on the adapters' input while training, in [0, 1)")
+    target_modules: Any = key(["q_proj", "k_proj", "v_proj", "o_proj"],
+                              "names of the linear layers that get adapters, or all-linear (all but the output "
+                              "layer)")
+
+
+@dataclass
 class TrainModelConfig:
     num_devices: int = key(1, "devices the policy trains on (1: the `device`); more needs that many GPUs")
     gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory")
+    lora: LoraConfig = section(LoraConfig, "LoRA: train adapters only (PEFT)")
 
 
 @dataclass

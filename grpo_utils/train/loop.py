@@ -61,6 +61,10 @@ class GRPOLoop:
         resume_from = point.path if point is not None else None
         if point is not None and point.note:
             print(point.note)
+        if point is not None:  # a LoRA checkpoint resumes only as LoRA, with the same adapter shape
+            from grpo_utils.models.lora import check_checkpoint
+
+            check_checkpoint(resume_from, cfg.train_model.lora, ckpt.shown_path(resume_from, self.run_dir))
 
         given_model, given_tokenizer, given_ref = self._given
         if given_model is None:
