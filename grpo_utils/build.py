@@ -103,19 +103,29 @@ def prompts_that_fit(cfg: DictConfig, model, tokenizer, render, report: bool = T
 
 
 def policy(cfg: DictConfig, device: torch.device, for_training: bool = True):
-    """The policy and its tokenizer (``model.*``; ``train_model.*`` when it is the trained copy)."""
+    """The policy and its tokenizer (``model.*``; ``train_model.*`` when it is the trained copy:
+    then with LoRA adapters when ``train_model.lora.enabled``; a copy that only generates, such as
+    a Ray collector's, stays a plain model that receives merged weights)."""
     from grpo_utils.models.loading import load_policy
 
     checkpointing = for_training and cfg.train_model.gradient_checkpointing
     model, tokenizer, _ = load_policy(cfg.model, device, gradient_checkpointing=checkpointing)
-    return model, tokenizer
+    return (_with_lora(cfg, model) if for_training else model), tokenizer
 
 
 def given_policy(cfg: DictConfig, model: torch.nn.Module, tokenizer, device: torch.device):
     """A policy handed over in memory, prepared as :func:`policy` prepares a loaded one."""
     from grpo_utils.models.loading import prepare_policy
 
-    return prepare_policy(model, tokenizer, device, cfg.train_model.gradient_checkpointing), tokenizer
+    return _with_lora(cfg, prepare_policy(model, tokenizer, device, cfg.train_model.gradient_checkpointing)), tokenizer
+
+
+def _with_lora(cfg: DictConfig, model: torch.nn.Module) -> torch.nn.Module:
+    if not cfg.train_model.lora.enabled:
+        return model
+    from grpo_utils.models.lora import apply_lora
+
+    return apply_lora(model, cfg.train_model.lora)
 
 
 def check_given_reference(cfg: DictConfig, given: torch.nn.Module | None) -> None:
@@ -130,10 +140,12 @@ def reference(cfg: DictConfig, policy: torch.nn.Module, trainer_device: torch.de
               given: torch.nn.Module | None = None) -> torch.nn.Module:
     """The frozen reference, on the device of ``ref_model.device``/``num_devices``
     (:func:`~grpo_utils.distributed.resources.reference_device`): a copy of ``given`` (an in-memory
-    reference) or of the initial ``policy``, or ``ref_model.path`` loaded in ``model.dtype``, which
-    must share the policy's vocabulary (else a one-line :class:`ConfigError`)."""
+    reference) or of the initial ``policy`` (a LoRA policy with its adapters off: no copy), or
+    ``ref_model.path`` loaded in ``model.dtype``, which must share the policy's vocabulary (else a
+    one-line :class:`ConfigError`)."""
     from grpo_utils.distributed.resources import reference_device
     from grpo_utils.models.loading import DTYPES, load_reference, make_reference, resolve_model_path
+    from grpo_utils.models.lora import AdaptersDisabled, is_lora
 
     check_given_reference(cfg, given)
     try:
@@ -141,6 +153,13 @@ def reference(cfg: DictConfig, policy: torch.nn.Module, trainer_device: torch.de
     except ValueError as e:
         raise ConfigError(str(e)) from None
     path = cfg.ref_model.path
+    if path is None and given is None and is_lora(policy):
+        # The base under the adapters is the initial policy: switch them off, no second copy.
+        if device != trainer_device:
+            raise ConfigError("ref_model.device/num_devices place a reference of its own, but with "
+                              "train_model.lora.enabled=true the reference is the policy with its adapters off; "
+                              "set ref_model.path to load a separate reference there")
+        return AdaptersDisabled(policy)
     if path is None:
         # Copied where the policy is, then moved: the copy is briefly doubled there, before any
         # optimizer state exists (so below the training peak).

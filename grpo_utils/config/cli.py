@@ -42,7 +42,6 @@ RENAMED: dict[str, tuple[str, str]] = {
     "env.reasoning": ("env.template", "env.template=r1_zero for the <think>/<answer> format"),
     "env.max_steps": ("", "episodes are single-turn"),
     "model.compile": ("", "torch.compile is not available"),
-    "train_model.lora": ("", "LoRA is not available yet"),
     "train_model.quantization": ("", "quantized training is not available"),
     "train_model.torch_dtype": ("model.dtype", ""),
     "train_model.attn_implementation": ("", "the model's default attention is used"),

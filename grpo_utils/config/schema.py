@@ -41,6 +41,18 @@ class ModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = key(False, "train low-rank adapters (PEFT LoRA) instead of all weights; the reference is the "
+                        "base with adapters off, generators and checkpoints get the merged weights")
+    r: int = key(8, "adapter rank")
+    alpha: float = key(16.0, "adapter scale numerator: the update is B @ A * alpha / r")
+    dropout: float = key(0.0, "dropout on the adapters' input while training, in [0, 1)")
+    target_modules: Any = key(["q_proj", "k_proj", "v_proj", "o_proj"],
+                              "names of the linear layers that get adapters, or all-linear (all but the output "
+                              "layer)")
+
+
+@dataclass
 class TrainModelConfig:
     num_devices: int = key(1, "trainer ranks (FSDP2, one device each: GPUs from the `device`'s index, or "
                            "CPU processes with device=cpu); rank 0 runs the loop")
@@ -51,6 +63,7 @@ class TrainModelConfig:
     timeout_s: float = key(1800.0, "longest a trainer rank waits for the others (rank 0's rollouts and "
                            "evaluations included) before the run stops")
     gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory")
+    lora: LoraConfig = section(LoraConfig, "LoRA: train adapters only (PEFT)")
 
 
 @dataclass

@@ -59,6 +59,7 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(cfg.train_model.num_devices >= 1, f"train_model.num_devices={cfg.train_model.num_devices} must be >= 1")
     validate_ranks(cfg)
     validate_ref_model(cfg.ref_model)
+    validate_lora(cfg.train_model.lora)
     validate_inference(cfg)
 
     env = cfg.env
@@ -171,6 +172,25 @@ def validate_ref_model(ref: DictConfig) -> None:
             kind = None
         _require(kind in ("cpu", "cuda"), f"ref_model.device={device!r} is not supported; expected null, cpu, "
                                           "cuda or cuda:N")
+
+
+def validate_lora(lora: DictConfig) -> None:
+    """``train_model.lora.*`` values (checked even when disabled, so a typo shows at once). Whether
+    each target module exists is checked against the model when LoRA is applied."""
+    _require(lora.r >= 1, f"train_model.lora.r={lora.r} must be >= 1")
+    _require(lora.alpha > 0, f"train_model.lora.alpha={lora.alpha} must be > 0")
+    _require(0 <= lora.dropout < 1, f"train_model.lora.dropout={lora.dropout} must be in [0, 1)")
+    targets = lora.target_modules
+    if isinstance(targets, str):
+        _require(targets == "all-linear", f"train_model.lora.target_modules={targets!r}: expected a list of layer "
+                                          "names, e.g. [q_proj,v_proj], or all-linear")
+    else:
+        _require(OmegaConf.is_list(targets) or isinstance(targets, list),
+                 f"train_model.lora.target_modules={targets!r}: expected a list of layer names or all-linear")
+        _require(len(targets) > 0, "train_model.lora.target_modules=[] is empty; name the layers that get adapters, "
+                                   "e.g. [q_proj,v_proj], or all-linear")
+        _require(all(isinstance(t, str) and t for t in targets),
+                 f"train_model.lora.target_modules={list(targets)}: every entry must be a layer name")
 
 
 def validate_inference(cfg: DictConfig) -> None:

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_utils.errors import WeightSyncError
+from grpo_utils.models.lora import merged_state_dict
 
 WEIGHT_SYNC_KINDS = ("object_store", "collective")
 DEFAULT_TIMEOUT_S = 120.0
@@ -74,7 +75,8 @@ class WeightSync(abc.ABC):
 
     @abc.abstractmethod
     def push(self, model: torch.nn.Module, version: int, actors: list) -> None:
-        """Send ``model``'s weights, tagged ``version``, to every actor."""
+        """Send ``model``'s weights, tagged ``version``, to every actor (a LoRA policy's merged:
+        :func:`grpo_utils.models.lora.merged_state_dict`)."""
 
     def close(self) -> None:  # noqa: B027 (optional hook)
         """Release the channel (idempotent)."""
@@ -140,7 +142,7 @@ class ObjectStoreWeightSync(WeightSync):
     def push(self, model: torch.nn.Module, version: int, actors: list) -> None:
         import ray
 
-        ref = ray.put({k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+        ref = ray.put({k: v.detach().to("cpu") for k, v in merged_state_dict(model).items()})
         for actor in actors:
             actor.update_weights.remote(ref, version)
 
@@ -542,7 +544,9 @@ class CollectiveWeightSync(WeightSync):
             raise WeightSyncError(f"collective weight sync: the group is broken since an earlier push: {self._broken}")
         if len(actors) != self._num_actors:
             raise ValueError(f"collective weight sync: push() to {len(actors)} actors, connected {self._num_actors}")
-        state = model.state_dict()
+        # A LoRA policy sends its merged weights under the plain names: the collectors' copies
+        # (and the receive buffers sized from them) are plain Hugging Face models.
+        state = merged_state_dict(model)
         layout = _layout(state)
         slots, sizes = _plan(layout, self.bucket_bytes)
         deadline = time.monotonic() + self.timeout_s

@@ -177,10 +177,12 @@ class VLLMGenerator:
 
     # ----------------------------------------------------------------------------------- weights
     def load_weights(self, model: torch.nn.Module) -> None:
-        """Copy ``model``'s weights into the engine in place and drop the prefix cache (its KV
-        entries belong to the old weights)."""
+        """Copy ``model``'s weights (a LoRA policy's merged) into the engine in place and drop the
+        prefix cache (its KV entries belong to the old weights)."""
+        from grpo_utils.models.lora import merged_state_dict
+
         self.wake_up()
-        named = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        named = [(name, tensor.detach()) for name, tensor in merged_state_dict(model).items()]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
         self.llm.reset_prefix_cache()
         self.syncs += 1

@@ -3,7 +3,8 @@
 Layout inside a run directory::
 
     <run_dir>/checkpoints/step_<N>/
-        config.json, model.safetensors (or shards + index)   <- model.save_pretrained
+        config.json, model.safetensors (or shards + index)   <- model.save_pretrained (LoRA: merged)
+        adapter/ (LoRA only)                                 <- the PEFT adapter, what a LoRA resume loads
         tokenizer files                                      <- tokenizer.save_pretrained
         trainer_state.pt                                     <- torch.save(trainer_state + {"rng": ...})
         manifest.json                                        <- sha256 and size of every file above
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+
+from grpo_utils.models.lora import ADAPTER_DIRNAME, is_lora, load_adapter, save_model
 
 if TYPE_CHECKING:
     from grpo_utils.errors import CheckpointError
@@ -132,7 +135,8 @@ def _as_cpu_byte_tensor(t: Any) -> torch.Tensor:
 def _unwrap_model(model):
     """Strip trivial wrappers (torch.compile, DDP/DataParallel) that lack ``save_pretrained``.
 
-    PEFT models and plain HF models are returned as-is: they implement ``save_pretrained``.
+    PEFT models and plain HF models are returned as-is: they implement ``save_pretrained``
+    (a PEFT model is saved merged, plus its adapter: :func:`grpo_utils.models.lora.save_model`).
     """
     seen = 0
     while not hasattr(model, "save_pretrained") and seen < 8:
@@ -278,6 +282,11 @@ def _write_failure(error: BaseException, where: Path, any_errno: bool = True) ->
     return None
 
 
+def shown_path(path: str | Path, run_dir: str | Path | None) -> str:
+    """How a message names a checkpoint: relative to the run dir when inside it."""
+    return _shown(Path(path), run_dir)
+
+
 def _shown(path: Path, run_dir: str | Path | None) -> str:
     """``path`` relative to the run dir when inside it (``checkpoints/step_4``), else as given."""
     if run_dir is not None:
@@ -356,7 +365,7 @@ def save_checkpoint(
             if stale.is_dir() and (stale.name.startswith(_TMP_PREFIX) or stale.name.startswith(_OLD_PREFIX)):
                 shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        _unwrap_model(model).save_pretrained(str(tmp))  # safetensors by default
+        save_model(_unwrap_model(model), tmp)  # safetensors by default
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         state = dict(trainer_state)
@@ -721,7 +730,8 @@ def _read_safetensors_state(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_weights(ckpt_dir: str | Path, model) -> None:
-    """Load weights written by ``save_pretrained`` into an existing model, strictly.
+    """Load weights written by ``save_pretrained`` into an existing model, strictly (a LoRA
+    policy: the checkpoint's ``adapter/``, see :func:`grpo_utils.models.lora.load_adapter`).
 
     Handles single-file and sharded safetensors. Parameters omitted from the file because they are
     tied to (share storage with) a loaded parameter, e.g. ``lm_head.weight`` with tied embeddings,
@@ -732,6 +742,16 @@ def load_model_weights(ckpt_dir: str | Path, model) -> None:
     """
     ckpt_dir = Path(ckpt_dir)
     target = _unwrap_model(model)
+    if is_lora(target) or (ckpt_dir / ADAPTER_DIRNAME).is_dir():
+        # A LoRA run resumes from its adapter, onto the base it was trained from (model.name): the
+        # merged weights beside it would add the adapters' update twice.
+        from grpo_utils.errors import CheckpointError
+
+        if not is_lora(target):
+            raise CheckpointError(f"checkpoint {ckpt_dir} holds a LoRA adapter ({ADAPTER_DIRNAME}/); it resumes "
+                                  "only with train_model.lora.enabled=true")
+        load_adapter(ckpt_dir, target)
+        return
     state = _read_safetensors_state(ckpt_dir)
     missing, unexpected = _check_keys(target, state)
     if (missing or unexpected) and hasattr(type(target), "from_pretrained"):
@@ -774,7 +794,7 @@ def save_final_model(run_dir: str | Path, model, tokenizer, checkpoint: Path | N
         for stale in (tmp, old):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _unwrap_model(model).save_pretrained(str(tmp))
+        save_model(_unwrap_model(model), tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if checkpoint is not None and (Path(checkpoint) / TRAINER_STATE_NAME).is_file():

@@ -63,6 +63,10 @@ class GRPOLoop:
         point = ckpt.resume_point(cfg.resume, self.run_dir)
         if point is not None and point.note:
             print(point.note)
+        if point is not None:  # a LoRA checkpoint resumes only as LoRA, with the same adapter shape
+            from grpo_utils.models.lora import check_checkpoint
+
+            check_checkpoint(point.path, cfg.train_model.lora, ckpt.shown_path(point.path, self.run_dir))
 
         # The other trainer ranks start now and load their shards while this process loads the policy.
         self.ranks = ranks.start(cfg, self.device) if cfg.train_model.num_devices > 1 else None

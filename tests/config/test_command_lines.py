@@ -120,7 +120,16 @@ def test_renamed_keys_name_the_key_to_use(key, ours):
 
 
 def test_features_not_here_say_so():
-    assert "LoRA is not available yet" in renamed("train_model.lora.enabled")
+    assert "quantized training is not available" in renamed("train_model.quantization.load_in_4bit")
+    # LoRA is here now: its keys pass the command-line check and compose
+    assert renamed("train_model.lora.enabled") is None
+    check_command_line(["train_model.lora.enabled=true", "train_model.lora.r=4",
+                        "train_model.lora.target_modules=[q_proj,v_proj]"], CONFIG, "grpo_quickstart")
+    (cfg,) = jobs("train_model.lora.enabled=true train_model.lora.target_modules=all-linear")
+    assert cfg.train_model.lora.enabled is True and cfg.train_model.lora.target_modules == "all-linear"
+    with pytest.raises(ConfigError, match=r"^unknown config key 'train_model.lora.rank'; allowed in "
+                                          r"'train_model.lora': alpha, dropout, enabled, r, target_modules$"):
+        check_command_line(["train_model.lora.rank=4"], CONFIG, "grpo_quickstart")
 
 
 def test_torchrl_vllm_keys_are_keys_of_this_config():
