@@ -80,6 +80,9 @@ class GRPOTrainer:
         self.mode = config.mode
         self._uses_ray = config.mode == "async" or any(o.replace(" ", "") == "mode.ray=true" for o in config.overrides)
         self._vllm = any(o.replace(" ", "") == "inference_model.backend=vllm" for o in config.overrides)
+        # Trainer ranks after rank 0 build the model from model.name (the weights then come from rank 0).
+        self._ranks = any(o.replace(" ", "").startswith("train_model.num_devices=")
+                          and o.split("=", 1)[1].strip() != "1" for o in config.overrides)
         self.model, self.tokenizer, model_name = self._policy(model, tokenizer)
         self._model_name = model_name
         if ref_model is not None and not _is_causal_lm(ref_model):
@@ -169,7 +172,7 @@ class GRPOTrainer:
                 check_model_name(source)
             except ConfigError:  # a local path that is gone: the weights are the in-memory ones
                 source = ""
-        if self._uses_ray or self._vllm:  # another process or engine loads the weights: give it a directory
+        if self._uses_ray or self._vllm or self._ranks:  # another process or engine loads it: give it a directory
             source = str(self.output_dir / "initial_model")
             model.save_pretrained(source)
             tokenizer.save_pretrained(source)

@@ -138,3 +138,23 @@ def test_async_mode_from_the_api(tiny_dir, tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     assert all("staleness/max" in r for r in lines)
     assert (out / "final_model" / "model.safetensors").is_file()
+
+
+def test_two_trainer_ranks_from_the_api(tiny_dir, tmp_path):
+    """train_model.num_devices=2 with an in-memory model: it is saved for the other rank to build
+    the architecture from (the weights then come from rank 0), and the run trains on both ranks."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    out = tmp_path / "ranks"
+    # An entropy bonus moves the weights even where the untrained model earns no reward.
+    config = small_config(out, device="cpu", overrides=["num_threads=1", "train_model.num_devices=2",
+                                                        "loss.entropy_coef=0.5"])
+    trainer = GRPOTrainer(model=model, tokenizer=tok, config=config, train_dataset=quickstart_rows(20, seed=1),
+                          reward="numeric_answer")
+    assert (out / "initial_model" / "config.json").is_file()
+    trainer.train()
+    lines = [r for r in trainer.history if "reward/mean" in r]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    before = AutoModelForCausalLM.from_pretrained(out / "initial_model").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "final_model").state_dict()
+    assert max((before[k] - after[k]).abs().max().item() for k in before) > 0  # rank 0's policy got the steps
