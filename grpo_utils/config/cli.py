@@ -32,7 +32,6 @@ RENAMED: dict[str, tuple[str, str]] = {
     "train.total_dialog_turns": ("train.max_steps", "counted in optimizer steps, each of train.optim_batch_size "
                                  "sequences"),
     "train.dialog_turns_per_batch": ("env.num_prompts", "a batch is env.num_prompts x env.group_size sequences"),
-    "train.mixed_precision": ("model.dtype", "e.g. model.dtype=bfloat16"),
     "train.exp_name": ("logger.run_name", ""),
     "train.logging_frequency": ("eval.every_n_steps", "metrics are logged every step; this sets evaluation"),
     "train.empty_replay_buffer": ("train.epochs", "each batch is trained on train.epochs times, then dropped"),

@@ -18,6 +18,7 @@ from grpo_utils.distributed.resources import check_mode_options
 from grpo_utils.errors import ConfigError
 from grpo_utils.models.loading import BUILTIN_PREFIX, DTYPES
 from grpo_utils.rewards import plan_reward
+from grpo_utils.train.trainer import MIXED_PRECISION
 
 LOGGERS = ("none", "wandb")
 OPTIMIZERS = ("AdamW",)
@@ -60,6 +61,7 @@ def validate(cfg: DictConfig, mode: str) -> None:
     validate_ranks(cfg)
     validate_ref_model(cfg.ref_model)
     validate_lora(cfg.train_model.lora)
+    validate_mixed_precision(cfg)
     validate_inference(cfg)
 
     env = cfg.env
@@ -191,6 +193,22 @@ def validate_lora(lora: DictConfig) -> None:
                                    "e.g. [q_proj,v_proj], or all-linear")
         _require(all(isinstance(t, str) and t for t in targets),
                  f"train_model.lora.target_modules={list(targets)}: every entry must be a layer name")
+
+
+def validate_mixed_precision(cfg: DictConfig) -> None:
+    """``train.mixed_precision``: a known value; autocast keeps the loaded weights as the fp32
+    master weights, so they must be loaded in float32; fp16's loss scaler is per process, so
+    sharded training uses bf16 (whose range needs no scaling)."""
+    mp = cfg.train.mixed_precision
+    # A boolean arrives as 'True'/'False': TorchRL's key is a bool, and YAML reads a bare no as false.
+    hint = " (TorchRL's true is bf16 here; in YAML write 'no' quoted)" if mp in ("True", "False") else ""
+    _require(mp in MIXED_PRECISION, f"train.mixed_precision={mp!r} is unknown; expected one of "
+                                    f"{', '.join(MIXED_PRECISION)}{hint}")
+    _require(mp == "no" or cfg.model.dtype == "float32",
+             f"train.mixed_precision={mp} needs model.dtype=float32 (fp32 master weights); got {cfg.model.dtype}")
+    n = cfg.train_model.num_devices
+    _require(mp != "fp16" or n <= 1,
+             f"train.mixed_precision=fp16 with train_model.num_devices={n}: use bf16 with sharded training")
 
 
 def validate_inference(cfg: DictConfig) -> None:

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +53,27 @@ class RankGroup:
     local_rank: int
     device: torch.device
     children: list[subprocess.Popen] = field(default_factory=list)
+    closing: bool = False
+
+    def watch_children(self) -> None:
+        """Rank 0: end this process when one of its node's ranks dies before :meth:`close`.
+
+        Rank 0 would otherwise wait in its next collective until ``train_model.timeout_s`` (gloo
+        and NCCL cannot be interrupted from Python, and signals wait for the collective to
+        return). A thread polls the children and, on a death, prints one line and exits at once:
+        no checkpoint can be gathered without that rank, and the last one written stays intact.
+        Ranks on other nodes that die close their connections, which fails the collective."""
+        def watch() -> None:
+            while not self.closing:
+                for rank, child in enumerate(self.children, start=1):
+                    code = child.poll()
+                    if code is not None and not self.closing:
+                        print(f"trainer rank {rank} stopped (exit code {code}; its error is above); stopping the "
+                              "run", file=sys.stderr, flush=True)
+                        os._exit(1)
+                time.sleep(0.5)
+
+        threading.Thread(target=watch, name="trainer-ranks-watch", daemon=True).start()
 
     @property
     def is_driver(self) -> bool:
@@ -77,12 +101,14 @@ class RankGroup:
 
     def abort(self) -> None:
         """Rank 0 failed before the ranks reached their command loop: kill this node's, leave."""
+        self.closing = True
         for child in self.children:
             child.kill()
         self._leave()
 
     def close(self) -> None:
         """Stop the other ranks (rank 0) and leave the process group."""
+        self.closing = True
         if self.is_driver and dist.is_initialized():
             try:
                 self.send("stop")
@@ -150,6 +176,7 @@ def start(cfg: DictConfig, device: torch.device) -> RankGroup:
     store.set(_CONFIG_KEY, OmegaConf.to_yaml(cfg, resolve=True))
     children = [spawn_rank(f"127.0.0.1:{port}", rank=r, local_rank=r, world_size=world) for r in range(1, per_node)]
     group = RankGroup(0, world, 0, device, children)
+    group.watch_children()
     try:
         init_group(store, 0, world, device, cfg)
     except BaseException:

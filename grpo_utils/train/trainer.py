@@ -1,18 +1,26 @@
-"""Optimization: AdamW, warmup + cosine LR, exact gradient accumulation, gradient clipping.
+"""Optimization: AdamW, warmup + cosine LR, exact gradient accumulation, gradient clipping,
+optional mixed precision.
 
 One call to :meth:`PolicyTrainer.optimizer_step` is one optimizer step on a mini-batch of
 ``optim_batch_size`` sequences, split into ``grad_accum_steps`` micro-batches. Loss
 denominators come from the whole mini-batch (``BatchNormalizer``), so the accumulated gradient
 equals the gradient of the mini-batch in one piece.
+
+Mixed precision (``train.mixed_precision``): the policy's forwards run under ``torch.autocast``
+in bf16 or fp16 while weights, gradients and optimizer state stay fp32 (the loaded weights are
+the master weights); log-probs and the loss are computed in fp32. fp16 adds a ``GradScaler``:
+its small exponent range would flush small gradients to zero without loss scaling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +31,8 @@ from grpo_utils.algo.logprobs import add_behaviour_log_probs, batch_log_probs, r
 from grpo_utils.algo.losses import BatchNormalizer
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
+# train.mixed_precision -> the autocast dtype of the policy's forwards (None: no autocast at all).
+MIXED_PRECISION: dict[str, torch.dtype | None] = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _host_memory_kept = False
 
 
@@ -100,6 +110,14 @@ class PolicyTrainer:
             self.optimizer, warmup_cosine(train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio))
         if any(p.device.type == "cpu" for p in model.parameters()):
             keep_freed_host_memory()
+        self.mixed_precision = train_cfg.get("mixed_precision", "no")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"train.mixed_precision={self.mixed_precision!r} is unknown; expected one of "
+                             f"{', '.join(MIXED_PRECISION)}")
+        self.autocast_dtype = MIXED_PRECISION[self.mixed_precision]
+        self.device_type = next(model.parameters()).device.type
+        # fp16 only: bf16 has fp32's exponent range, so its gradients need no scaling.
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.mixed_precision == "fp16" else None
         self._buffer = None  # train_on_batch's replay buffer, kept while batches share a layout
         self._buffer_layout: tuple | None = None
         self._buffer_user = 0  # which train_on_batch call the buffer's contents belong to
@@ -109,13 +127,44 @@ class PolicyTrainer:
         return response_log_probs(model, mb["input_ids"], mb["attention_mask"], start,
                                   self.temperature, with_entropy)
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context every forward of the policy (and reference) runs in: ``torch.autocast`` in
+        the ``train.mixed_precision`` dtype, or a no-op with ``no`` (nothing changes then)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
     @torch.no_grad()
     def annotate(self, batch: TensorDict, need_behaviour: bool, micro_batch_size: int) -> None:
-        """Adds behaviour (and reference) log-probs computed with the current weights."""
-        if need_behaviour:
-            add_behaviour_log_probs(self.policy, batch, self.temperature, micro_batch_size)
-        if self.ref_model is not None:
-            batch["ref_log_probs"] = batch_log_probs(self.ref_model, batch, self.temperature, micro_batch_size)
+        """Adds behaviour (and reference) log-probs computed with the current weights, in the same
+        precision as the training forward, so the first update's ratio is exactly 1."""
+        with self.autocast():
+            if need_behaviour:
+                add_behaviour_log_probs(self.policy, batch, self.temperature, micro_batch_size)
+            if self.ref_model is not None:
+                batch["ref_log_probs"] = batch_log_probs(self.ref_model, batch, self.temperature, micro_batch_size)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Accumulate ``loss``'s gradients (scaled first with fp16)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def _clip_and_step(self) -> dict[str, float]:
+        """Clip the accumulated gradients and take the optimizer step. With fp16 the gradients are
+        unscaled first (so clipping sees their true norm) and a step whose gradients hold an inf or
+        NaN is skipped by the scaler, which then halves its scale. Returns ``grad_norm`` (and, with
+        fp16, ``grad_scale``: the scale this step's loss was multiplied by, and ``skipped_step``)."""
+        if self.scaler is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            return {"grad_norm": _item(grad_norm)}
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # update() only lowers the scale when this step's gradients were not finite.
+        skipped = self.scaler.get_scale() < scale
+        return {"grad_norm": _item(grad_norm), "grad_scale": scale, "skipped_step": float(skipped)}
 
     def optimizer_step(self, minibatch: TensorDict) -> dict[str, float]:
         """Forward/backward over micro-batches, clip, step. Returns averaged metrics."""
@@ -131,7 +180,8 @@ class PolicyTrainer:
         self.model.train()
         sums: dict[str, float] = {}
         for mb in micro_batches:
-            log_probs, entropy = self._log_probs(self.model, mb, with_entropy=True)
+            with self.autocast():  # the forward only: log-probs come out fp32, the loss and backward stay outside
+                log_probs, entropy = self._log_probs(self.model, mb, with_entropy=True)
             old = mb.get("old_log_probs", None)
             out = self.loss_fn(
                 log_probs,
@@ -148,16 +198,19 @@ class PolicyTrainer:
                 sums[k] = sums.get(k, 0.0) + float(v) / self.grad_accum_steps
             sums["loss"] = sums.get("loss", 0.0) + out.loss.item()
         sums = self._combine(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        sums.update(self._clip_and_step())
+        if self.scaler is None:
+            self.scheduler.step()
+        else:
+            with warnings.catch_warnings():
+                # The LR follows the step count, skipped fp16 steps included; torch warns (wrongly
+                # for a LambdaLR read before stepping) when the scaler skipped the very first step.
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums.update({"grad_norm": _item(grad_norm), "lr": lr})
+        sums["lr"] = lr
         return sums
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
 
     def _combine(self, sums: dict[str, float]) -> dict[str, float]:
         """The step's metrics over every process that computed part of it (here: one)."""
@@ -208,10 +261,15 @@ class PolicyTrainer:
         """Release what the trainer started (the other ranks of a sharded trainer)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:  # plain floats and ints: loads with weights_only=True
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any], optimizer: bool = True) -> None:
         """``optimizer=False``: the schedule only (a sharded trainer restores its optimizer itself)."""
         if optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):  # a checkpoint without one: a fresh scaler
+            self.scaler.load_state_dict(state["scaler"])
