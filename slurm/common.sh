@@ -61,7 +61,7 @@ grpo_setup() {
     trap grpo_cleanup EXIT
     trap 'grpo_signal TERM' TERM
     trap 'grpo_signal INT' INT
-    HEAD_IP="${GRPO_HEAD_IP:-$(grpo_on "$HEAD" hostname -I | awk '{print $1}')}"
+    HEAD_IP="${GRPO_HEAD_IP:-$(grpo_on "$HEAD" hostname -I | awk '{print $1}' || true)}"
     [[ -n "$HEAD_IP" ]] || grpo_fail "no address for $HEAD from hostname -I (set GRPO_HEAD_IP)"
 }
 
@@ -112,7 +112,7 @@ grpo_start_ray() {
     grpo_step "Ray head" "$HEAD" env CUDA_VISIBLE_DEVICES="$head_visible" "$RAY" start --head \
         --node-ip-address="$HEAD_IP" --port="${RAY_ADDRESS##*:}" --num-gpus="$head_gpus" --num-cpus="$head_cpus" \
         --include-dashboard=false --disable-usage-stats --block
-    grpo_wait_ray 1  # the workers' `ray start` gives up soon on a head that is not up yet
+    grpo_wait_ray 1  # the workers then find a head to join (instead of a fixed sleep)
     for node in "$@"; do
         grpo_step "Ray worker" "$node" "$RAY" start --address="$RAY_ADDRESS" --num-gpus="$GPUS_PER_NODE" \
             --num-cpus="$CPUS_PER_NODE" --disable-usage-stats --block

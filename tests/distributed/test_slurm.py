@@ -285,3 +285,23 @@ def test_sync_with_an_inference_node_on_ray(job, tmp_path):
     assert [s.split(" -w ")[1].split()[0] for s in steps(job) if "start --address" in s] == ["node1"]
     assert_nothing_left(job, run_dir)
 
+
+
+@pytest.mark.ray
+def test_grpo_ray_sbatch_on_the_shared_bootstrap(job, tmp_path):
+    """grpo-ray.sbatch (now on common.sh): the head node keeps GRPO_TRAINER_CPUS for the trainer
+    and offers the rest, node1 all of its CPUs; the recipe joins that cluster."""
+    pytest.importorskip("ray")
+    run_dir = tmp_path / "ray"
+    proc = run_script(job, "grpo-ray.sbatch", "grpo-sync.py", f"hydra.run.dir={run_dir}", *TINY, "mode.ray=true",
+                      "mode.actor_timeout_s=60", "eval.before_after=false",
+                      extra_env={"SLURM_CPUS_ON_NODE": "2", "GRPO_TRAINER_CPUS": "1"})
+    assert_succeeded(proc)
+    assert_two_step_run(run_dir)
+    lines = steps(job)
+    (head,) = [s for s in lines if "start --head" in s]
+    (worker,) = [s for s in lines if "start --address" in s]
+    assert " -w node0 " in head and "--num-cpus=1" in head and " -w node1 " in worker and "--num-cpus=2" in worker
+    (recipe,) = [s for s in lines if "grpo-sync.py" in s]
+    assert "env CUDA_VISIBLE_DEVICES=0 " in recipe and "mode.trainer_cpus=1" in recipe and "device=cpu" in recipe
+    assert_nothing_left(job, run_dir)
