@@ -24,6 +24,7 @@ def follow(address: str, rank: int, local_rank: int, world_size: int) -> None:
     then carry out rank 0's commands until it says stop."""
     from grpo_utils import build
     from grpo_utils.config.validate import resolve_device, seed_everything
+    from grpo_utils.models.loading import resolve_model_path
     from grpo_utils.train.run import quiet_console
 
     store, cfg = fetch_config(address)
@@ -31,6 +32,10 @@ def follow(address: str, rank: int, local_rank: int, world_size: int) -> None:
     torch.set_num_threads(cfg.num_threads or 1)
     seed_everything(cfg.seed)
     quiet_console()
+    # Build a builtin model (cold cache) before joining the group: in an initialized process group
+    # transformers' save_pretrained writes weights on rank 0 only, so this rank would cache a
+    # model directory holding just the tokenizer, which every later run then fails to load.
+    resolve_model_path(cfg.model.name)
     init_group(store, rank, world_size, device, cfg)
     group = RankGroup(rank, world_size, local_rank, device)
     try:
