@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128, help="every completion is exactly this long")
     ap.add_argument("--minibatches", type=int, default=2, help="optimizer steps per rollout batch")
-    ap.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
+    ap.add_argument("--accum", type=int, default=2, help="micro-batches per optimizer step")
     ap.add_argument("--vocab", type=int, help="the model's vocabulary size (default: 151936, tiny 1024)")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])

@@ -9,7 +9,9 @@ so 2 ranks use 2 cores against 1 rank's one. World size 1 is the plain ``PolicyT
 ``train_model.num_devices=1`` runs); world size 2 is ``ShardedTrainer`` over a gloo group, driven as
 the recipe drives it (rank 0 splits each micro-batch, rank 1 follows its commands). Both take the
 same optimizer steps on the same fixed batch, in alternating rounds (1, 2, 1, 2, ...) so machine
-noise hits both. Per rank it reports the median optimizer-step time after ``--warmup`` steps, the
+noise hits both. Per rank it reports the median optimizer-step time after ``--warmup`` steps (and
+the process's CPU seconds per step: with other jobs on the cores the wall time of 2 ranks rises
+while their CPU time does not, so the two together tell contention from overhead), the
 RSS high-water mark (``ru_maxrss``: model load and the first steps included; also less the
 interpreter's and imports' RSS before the model loads, which no sharding can reduce), and the bytes of
 parameters and AdamW state this rank holds (its shards; rank 0 of a sharded run also keeps the full
@@ -90,28 +92,35 @@ def worker(a: argparse.Namespace) -> None:
         group = RankGroup(a.rank, a.world, a.rank, torch.device("cpu"))
         trainer = ShardedTrainer(model, loss, cfg, 1.0, group)
         if a.rank:
+            cpu, c0 = [], time.process_time()
             while (command := group.receive())[0] != "stop":
                 trainer.follow(*command)
-            report(a, trainer, [], full_policy=0)
+                if command[0] == "step":
+                    cpu.append(time.process_time() - c0)
+                c0 = time.process_time()
+            report(a, trainer, [], 0, cpu[a.warmup:])
             dist.destroy_process_group()
             return
     batch = fixed_batch(a.batch, a.seq, a.response, model.config.vocab_size)
-    times = []
+    times, cpu = [], []
     for _ in range(a.warmup + a.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         metrics = trainer.optimizer_step(batch)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         assert metrics["loss"] == metrics["loss"], "NaN loss"  # a broken step would time nothing useful
     full_policy = local_bytes(trainer.policy.parameters()) if group is not None else 0
     trainer.publish()
-    report(a, trainer, times[a.warmup:], full_policy)
+    report(a, trainer, times[a.warmup:], full_policy, cpu[a.warmup:])
     trainer.close()
 
 
-def report(a: argparse.Namespace, trainer, times: list[float], full_policy: int) -> None:
+def report(a: argparse.Namespace, trainer, times: list[float], full_policy: int, cpu: list[float]) -> None:
+    """One JSON line: step wall times (rank 0), CPU seconds per step (this process's user + system
+    time: below the wall time when the rank waits for the other or for a core), bytes held."""
     state = [t for s in trainer.optimizer.state.values() for t in s.values() if hasattr(t, "numel") and t.ndim]
     print(json.dumps({
-        "world": a.world, "rank": a.rank, "step_s": times,
+        "world": a.world, "rank": a.rank, "step_s": times, "cpu_s": cpu,
         "params_bytes": local_bytes(trainer.model.parameters()), "optim_bytes": local_bytes(state),
         "full_policy_bytes": full_policy,
         "maxrss_bytes": maxrss(), "base_rss_bytes": a.base_rss,
@@ -204,13 +213,16 @@ def main() -> None:
     base = {(w, rank): min(reports[rank]["base_rss_bytes"] for reports in runs[w])
             for w in runs for rank in range(w)}
     print()
-    print("| ranks | rank | s/step (median) | speed-up | params | AdamW state | full policy copy | peak RSS "
-          "| of which above imports |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    cpu = {(w, rank): statistics.median(t for reports in runs[w] for t in reports[rank]["cpu_s"])
+           for w in runs for rank in range(w)}
+    print("| ranks | rank | s/step (median) | speed-up | CPU s/step | params | AdamW state | full policy copy "
+          "| peak RSS | of which above imports |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for w in (1, 2):
         for rank, rep in enumerate(last[w]):
             timing = (f"{step[w]:.2f} | {step[1] / step[w]:.2f}x" if rank == 0 else "(follows rank 0) | ")
-            print(f"| {w} | {rank} | {timing} | {mib(rep['params_bytes'])} | {mib(rep['optim_bytes'])} | "
+            print(f"| {w} | {rank} | {timing} | {cpu[w, rank]:.2f} | {mib(rep['params_bytes'])} | "
+                  f"{mib(rep['optim_bytes'])} | "
                   f"{mib(rep['full_policy_bytes']) if rep['full_policy_bytes'] else '-'} | {mib(rss[w, rank])} | "
                   f"{mib(rss[w, rank] - base[w, rank])} |")
     one = last[1][0]["params_bytes"] + last[1][0]["optim_bytes"]
