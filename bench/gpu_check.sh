@@ -19,7 +19,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WHEELS=${GPU_CHECK_WHEELS:-$ROOT/bench/.wheels}
-SITE=${GPU_CHECK_SITE:-/tmp/gpu-check-site}
+SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/gpu-check-site}
 PY=${PYTHON:-python3}
 # module to import : wheel file prefix : pin (pure-Python wheels but tensordict and orjson, built for
 # the GPU image's CPython 3.12)

@@ -1,7 +1,7 @@
 """Sharded training on CPU: step time and memory of 1 trainer rank against 2 FSDP2 ranks (gloo).
 
     python bench/sharded_step.py                        # ~30M-parameter Qwen2, 16 sequences x 128 tokens
-    python bench/sharded_step.py --rounds 1 --steps 3   # quicker
+    python bench/sharded_step.py --rounds 1             # quicker
     python bench/sharded_step.py --hidden 256 --layers 2 --steps 2 --warmup 1   # a smoke run
 
 Each rank is its own process with one thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``),
@@ -173,9 +173,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128, help="tokens per sequence (prompt + response)")
     ap.add_argument("--response", type=int, default=96, help="response tokens per sequence (the loss's tokens)")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per round")
+    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round")
     ap.add_argument("--warmup", type=int, default=1, help="optimizer steps dropped at the start of each round")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (1 rank, 2 ranks, ...)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (1 rank, 2 ranks, ...)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
@@ -204,8 +204,9 @@ def main() -> None:
             for world in (1, 2):
                 reports = run_world(model_dir, world, a)
                 runs[world].append(reports)
-                print(f"  round {r}, {world} rank(s): {statistics.median(reports[0]['step_s']):.2f} s/step",
-                      flush=True)
+                cpu_s = ", ".join(f"{statistics.median(rep['cpu_s']):.2f}" for rep in reports)
+                print(f"  round {r}, {world} rank(s): {statistics.median(reports[0]['step_s']):.2f} s/step "
+                      f"(CPU s/step by rank: {cpu_s}; load average {os.getloadavg()[0]:.1f})", flush=True)
     step = {w: statistics.median(t for reports in runs[w] for t in reports[0]["step_s"]) for w in runs}
     last = {w: runs[w][-1] for w in runs}
     rss = {(w, rank): max(reports[rank]["maxrss_bytes"] for reports in runs[w])
