@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class GRPOError(Exception):
     """Base of every error raised on purpose. ``kind`` prefixes the one-line message."""
@@ -83,3 +86,23 @@ def raise_on_sigterm() -> None:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive inside the block take effect when it ends (their handlers
+    then run as usual). Python runs signal handlers in the main thread at any bytecode, whichever
+    thread the signal reached, so blocking it with ``pthread_sigmask`` is not enough: the handlers
+    are swapped for ones that only record the signal. Main thread only."""
+    import signal
+
+    pending: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in kinds}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)

@@ -57,7 +57,7 @@ class TrainModelConfig:
     num_devices: int = key(1, "trainer ranks (FSDP2, one device each: GPUs from the `device`'s index, or "
                            "CPU processes with device=cpu); rank 0 runs the loop")
     num_nodes: int = key(1, "nodes the trainer ranks span (num_devices / num_nodes ranks per node); the other "
-                         "nodes join with python -m grpo_utils.distributed.ranks (see slurm/)")
+                         "nodes join with python -m grpo_utils.distributed.join (see slurm/)")
     rendezvous: str | None = key(None, "HOST:PORT where rank 0 meets the other ranks; null: a free local port "
                                  "(required with num_nodes > 1)")
     timeout_s: float = key(1800.0, "longest a trainer rank waits for the others (rank 0's rollouts and "

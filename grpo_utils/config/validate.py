@@ -58,7 +58,7 @@ def validate(cfg: DictConfig, mode: str) -> None:
         n = cfg[section].num_devices
         _require(n >= 0, f"{section}.num_devices={n} must be >= 0")
     _require(cfg.train_model.num_devices >= 1, f"train_model.num_devices={cfg.train_model.num_devices} must be >= 1")
-    validate_ranks(cfg)
+    validate_ranks(cfg, mode)
     validate_ref_model(cfg.ref_model)
     validate_lora(cfg.train_model.lora)
     validate_mixed_precision(cfg)
@@ -135,7 +135,7 @@ def validate(cfg: DictConfig, mode: str) -> None:
     resolve_device(cfg.device)
 
 
-def validate_ranks(cfg: DictConfig) -> None:
+def validate_ranks(cfg: DictConfig, mode: str) -> None:
     """``train_model.*``'s ranks: how they split over nodes and how a mini-batch splits over them."""
     tm, train = cfg.train_model, cfg.train
     n, nodes = tm.num_devices, tm.num_nodes
@@ -154,6 +154,11 @@ def validate_ranks(cfg: DictConfig) -> None:
         _require(micro % n == 0, f"train.optim_batch_size={train.optim_batch_size} / train.grad_accum_steps="
                                  f"{train.grad_accum_steps} = {micro} sequences per micro-batch must divide evenly "
                                  f"over train_model.num_devices={n} ranks")
+        # vLLM started inside rank 0 takes the process's torch.distributed world (the ranks') as its
+        # own and waits for ranks that never join it; in a collector it has a process to itself.
+        _require(cfg.inference_model.backend != "vllm" or mode == "async" or cfg.mode.ray,
+                 f"inference_model.backend=vllm with train_model.num_devices={n} needs the engine in a collector "
+                 "(mode.ray=true or grpo-async.py): it cannot share rank 0's process with the trainer ranks")
 
 
 def validate_ref_model(ref: DictConfig) -> None:

@@ -183,6 +183,7 @@ class GRPOLoop:
                 except CheckpointError as save_failed:
                     failure = save_failed
             self.logger.close()
+            self.trainer.close()  # the other trainer ranks stop (after the checkpoint they helped gather)
             if failure is not None:
                 raise failure from None
             if isinstance(error, GRPOError | KeyboardInterrupt | Terminated):

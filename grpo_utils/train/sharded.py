@@ -29,6 +29,7 @@ import torch.distributed as dist
 from tensordict import TensorDict
 
 from grpo_utils.algo.losses import BatchNormalizer
+from grpo_utils.errors import signals_deferred
 from grpo_utils.train.trainer import PolicyTrainer
 
 if TYPE_CHECKING:
@@ -66,6 +67,10 @@ class ShardedTrainer(PolicyTrainer):
 
     # ---------------------------------------------------------------- rank 0: the loop's calls
     def optimizer_step(self, minibatch: TensorDict) -> dict[str, float]:
+        with signals_deferred():  # a step half-done on rank 0 only would deadlock the ranks
+            return self._driver_step(minibatch)
+
+    def _driver_step(self, minibatch: TensorDict) -> dict[str, float]:
         t0 = time.perf_counter()
         n = self.group.world_size
         normalizer = BatchNormalizer.from_mask(minibatch["response_mask"])
@@ -83,21 +88,24 @@ class ShardedTrainer(PolicyTrainer):
 
     def publish(self) -> None:
         if self._stale:
-            self.group.send("publish")
-            self._gather()
-            self._stale = False
+            with signals_deferred():  # a step half-done on rank 0 only would deadlock the ranks
+                self.group.send("publish")
+                self._gather()
+                self._stale = False
 
     def state_dict(self) -> dict[str, Any]:
-        self.group.send("state")
-        named = self._optimizer_state()
+        with signals_deferred():  # a step half-done on rank 0 only would deadlock the ranks
+            self.group.send("state")
+            named = self._optimizer_state()
         return {**super().state_dict(), "optimizer": _numbered(named, self._optimizer_names())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the optimizer (any world size's checkpoint) on every rank, and the schedule."""
         named = _named(state["optimizer"], self._optimizer_names())
         rest = {k: v for k, v in state.items() if k != "optimizer"}
-        self.group.send("load", [None] + [rest] * (self.group.world_size - 1))
-        self._load_optimizer(named, rest)
+        with signals_deferred():  # a step half-done on rank 0 only would deadlock the ranks
+            self.group.send("load", [None] + [rest] * (self.group.world_size - 1))
+            self._load_optimizer(named, rest)
 
     def close(self) -> None:
         self.group.close()

@@ -44,40 +44,59 @@ def test_two_rank_checkpoint_resumes_on_one_rank_as_it_continues_on_two(env, tmp
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
+def _start_long_run(env, run_dir: Path, *extra: str) -> tuple[subprocess.Popen, list]:
+    """A 2-rank run with room for hundreds of steps, once it has logged ``steps`` steps; with the
+    recipe's child processes (rank 1)."""
+    import psutil
+
+    proc = subprocess.Popen(recipe_command(SYNC_RECIPE, *TWO_RANKS, "train.max_steps=400", "eval.heldout_size=10",
+                                           "eval.every_n_steps=0", "checkpoint.every_n_steps=0",
+                                           f"hydra.run.dir={run_dir}", *extra),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists() or len(train_lines(run_dir)) < 2:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run did not train: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert any("grpo_utils.distributed.join" in " ".join(c.cmdline()) for c in children), "rank 1 is a child"
+    return proc, children
 
 
 @pytest.mark.slow
 def test_no_rank_outlives_a_killed_rank_0(env, tmp_path):
+    import psutil
+
+    proc, children = _start_long_run(env, tmp_path / "run")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_with_both_ranks_and_the_run_resumes(env, tmp_path):
+    """SIGTERM lands between the ranks' commands (never half-way through a step), so rank 0 gathers
+    a checkpoint with rank 1, stops it, and exits with one line; the run resumes from there."""
+    import psutil
+
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(recipe_command(SYNC_RECIPE, *TWO_RANKS, "train.max_steps=400", "eval.heldout_size=10",
-                                           "eval.every_n_steps=0", f"hydra.run.dir={run_dir}"),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, children = _start_long_run(env, run_dir)
+    proc.send_signal(signal.SIGTERM)
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "metrics.jsonl").exists() or not train_lines(run_dir):
-            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
-            time.sleep(0.5)
-        ranks = _children(proc.pid)
-        assert ranks, "rank 1 is a child process of the recipe"
+        _, err = proc.communicate(timeout=120)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    deadline = time.monotonic() + 20
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-              for pid in ranks if Path(f"/proc/{pid}/stat").exists()):
-        assert time.monotonic() < deadline, f"trainer ranks {ranks} outlived rank 0"
-        time.sleep(0.2)
+        proc.kill()  # never left running when the assertion below fails
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("error: terminated (SIGTERM); last checkpoint: step "), err[-2000:]
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
+    step = int(last.rsplit(" ", 1)[1])
+    assert (run_dir / "checkpoints" / f"step_{step}" / "manifest.json").is_file()
+    run_recipe(env, *TWO_RANKS, f"train.max_steps={step + 2}", "eval.heldout_size=10", "eval.every_n_steps=0",
+               "resume=true", f"hydra.run.dir={run_dir}")
+    assert [r["step"] for r in train_lines(run_dir)][-2:] == [step + 1, step + 2]
 
 
 @pytest.mark.parametrize("line,message", [
@@ -120,3 +139,11 @@ def test_trainer_ranks_then_inference_then_reference_on_the_gpus():
         check_devices(cfg, torch.device("cuda", 0), available_gpus=2)
     (cfg,) = jobs("mode=async " + line + " inference_model.num_devices=2", "async")
     assert reference_device(cfg, torch.device("cuda", 0), available_gpus=5) == torch.device("cuda", 4)
+
+
+def test_colocated_vllm_with_trainer_ranks_is_one_line():
+    from tests.config.test_command_lines import check
+
+    with pytest.raises(ConfigError, match=r"^inference_model.backend=vllm with train_model.num_devices=2 needs the "
+                                          r"engine in a collector \(mode.ray=true or grpo-async.py\)"):
+        check("device=cpu train_model.num_devices=2 inference_model.backend=vllm")
