@@ -68,6 +68,24 @@ def run_recipe(env: dict[str, str], *args: str, recipe: Path = SYNC_RECIPE, chec
     return proc
 
 
+def run_and_resume(env: dict[str, str], overrides, tmp_path: Path, args: list[str], step: int = 2,
+                   last: int = 4) -> tuple[Path, Path]:
+    """Run to ``last`` in ``tmp_path/full`` (``args`` must save checkpoints at ``step`` and ``last``
+    and keep them), copy that run directory to ``tmp_path/resumed`` without the last checkpoint
+    and the summary, and resume it with ``resume=true``. ``overrides(run_dir, *args)`` gives a
+    run's command-line overrides. Returns both run directories."""
+    import shutil
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_recipe(env, *overrides(full, *args))
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step_{last}")
+    (resumed / "summary.json").unlink()
+    proc = run_recipe(env, *overrides(resumed, *args, "resume=true"))
+    assert "Resumed from" in proc.stdout and f"step {step}" in proc.stdout, proc.stdout[-2000:]
+    return full, resumed
+
+
 def read_lines(path: Path) -> list[dict]:
     """The JSON objects of a JSONL file (metrics.jsonl), blank lines skipped."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import read_lines, run_recipe, train_lines
+from tests.helpers import read_lines, run_and_resume, run_recipe, train_lines
 from tests.recipes.test_sync_recipe import tiny_overrides
 
 pytestmark = pytest.mark.slow  # each test launches the recipe in a subprocess
@@ -33,16 +32,10 @@ def test_quickstart_learns_with_lora(env, tmp_path):
 def test_lora_resume_continues_exactly(env, tiny_dir, tmp_path):
     """With LoRA and a KL reference (the adapters-off base): resumed from step 2's adapter, steps 3-4
     equal the uninterrupted run's; the checkpoints load as merged models and as adapters."""
-    full = tmp_path / "full"
     args = [*LORA, "train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null", "seed=3",
             "loss.kl_coef=0.05", "loss.entropy_coef=0.5", "optimizer.lr=0.01"]  # entropy: the random model earns no reward
-    run_recipe(env, *tiny_overrides(tiny_dir, full, *args))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_4")
-    (resumed / "summary.json").unlink()
-    proc = run_recipe(env, *tiny_overrides(tiny_dir, resumed, *args, "resume=true"))
-    assert "Resumed from" in proc.stdout and "step 2" in proc.stdout
+    full, resumed = run_and_resume(env, lambda run_dir, *extra: tiny_overrides(tiny_dir, run_dir, *extra),
+                                   tmp_path, args)
 
     ref = {r["step"]: r for r in train_lines(full)}
     got = {r["step"]: r for r in read_lines(resumed / "metrics.jsonl") if "reward/mean" in r}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import CONFIG, read_lines, run_recipe, train_lines
+from tests.helpers import CONFIG, read_lines, run_and_resume, run_recipe, train_lines
 from tests.helpers import SHARED_DATA as SHARED
 
 pytestmark = pytest.mark.slow  # each test launches the recipe in a subprocess
@@ -66,16 +65,10 @@ def test_run_dir_contract_and_kl(env, tiny_dir, tmp_path):
 def test_resume_continues_exactly(env, tiny_dir, tmp_path, engine):
     """Interrupt after step 2 (simulated by dropping the later checkpoint), resume, and get the
     same steps 3-4 as the uninterrupted run: step, optimizer, LR, RNG and data position restored."""
-    full = tmp_path / "full"
     args = ["train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null", "seed=3",
             f"rollout={engine}"]
-    run_recipe(env, *tiny_overrides(tiny_dir, full, *args))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_4")
-    (resumed / "summary.json").unlink()
-    proc = run_recipe(env, *tiny_overrides(tiny_dir, resumed, *args, "resume=true"))
-    assert "Resumed from" in proc.stdout and "step 2" in proc.stdout
+    full, resumed = run_and_resume(env, lambda run_dir, *extra: tiny_overrides(tiny_dir, run_dir, *extra),
+                                   tmp_path, args)
     ref = {r["step"]: r for r in read_lines(full / "metrics.jsonl") if "reward/mean" in r}
     got = {r["step"]: r for r in read_lines(resumed / "metrics.jsonl") if "reward/mean" in r}
     assert sorted(got) == [1, 2, 3, 4]

@@ -5,7 +5,6 @@ async) the collectors' engines follow the trainer's weights."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import time
@@ -15,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import REPO, SYNC_RECIPE, recipe_command, run_recipe, train_lines
+from tests.helpers import REPO, SYNC_RECIPE, recipe_command, run_and_resume, run_recipe, train_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -48,15 +47,9 @@ def test_quickstart_learns_with_vllm(env, tmp_path):
 def test_vllm_resume_continues_exactly(env, vllm_dir, tmp_path):
     """Steps 3-4 after resuming from step 2 equal the uninterrupted run's: the engine is reloaded
     with the checkpoint's weights and samples with the same per-request seeds."""
-    full = tmp_path / "full"
     args = ["train.max_steps=4", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null", "seed=3"]
-    run_recipe(env, *tiny_overrides(vllm_dir, full, *args))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_4")
-    (resumed / "summary.json").unlink()
-    proc = run_recipe(env, *tiny_overrides(vllm_dir, resumed, *args, "resume=true"))
-    assert "Resumed from" in proc.stdout and "step 2" in proc.stdout
+    full, resumed = run_and_resume(env, lambda run_dir, *extra: tiny_overrides(vllm_dir, run_dir, *extra),
+                                   tmp_path, args)
     ref = {r["step"]: r for r in train_lines(full)}
     got = {r["step"]: r for r in train_lines(resumed)}
     assert sorted(got) == [1, 2, 3, 4]
