@@ -1,8 +1,10 @@
 """One trainer rank for tests/distributed/test_sharded.py (run as a script, one process per rank).
 
-Rank 0 takes ``--steps`` optimizer steps on a fixed ragged mini-batch and saves the full weights,
-each step's metrics and the trainer's checkpoint state to ``--out``; other ranks follow it.
-World size 1 is the plain one-device PolicyTrainer, the reference the sharded one must match.
+For each case of ``--cases`` (``aggregation:accumulation_steps``, comma-separated) rank 0 builds a
+fresh trainer, takes ``--steps`` optimizer steps on a fixed ragged mini-batch, and keeps the full
+weights, each step's metrics and the trainer's checkpoint state; all cases go to ``--out`` as one
+dict. Other ranks follow it. World size 1 is the plain one-device PolicyTrainer, the reference the
+sharded one must match. One process per rank for all cases: starting them dominates the test's time.
 """
 
 from __future__ import annotations
@@ -39,41 +41,49 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world", type=int, default=1)
     p.add_argument("--port", type=int, default=0)
-    p.add_argument("--aggregation", default="token_mean")
-    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--cases", default="token_mean:1")
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--weights", help="a state dict to start from")
     p.add_argument("--trainer-state", help="a trainer state (optimizer, schedule) to resume")
     a = p.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-    if a.weights:
-        model.load_state_dict(torch.load(a.weights))
-    cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99], "adam_eps": 1e-8,
-                            "max_grad_norm": 1.0, "warmup_steps": 1, "max_steps": 10, "min_lr_ratio": 0.1,
-                            "grad_accum_steps": a.accum, "optim_batch_size": 8, "epochs": 1})
-    loss = ClippedSurrogateLoss(aggregation=a.aggregation)
-    if a.world == 1:
-        trainer = PolicyTrainer(model, loss, cfg, temperature=0.9)
-    else:
+    group = None
+    if a.world > 1:
         store = dist.TCPStore("127.0.0.1", a.port, is_master=a.rank == 0, timeout=datetime.timedelta(seconds=120))
         dist.init_process_group("gloo", store=store, rank=a.rank, world_size=a.world)
         group = RankGroup(a.rank, a.world, a.rank, torch.device("cpu"))
-        trainer = ShardedTrainer(model, loss, cfg, 0.9, group)
-        if a.rank:
-            while (command := group.receive())[0] != "stop":
-                trainer.follow(*command)
-            dist.destroy_process_group()
-            return
-    if a.trainer_state:
-        trainer.load_state_dict(torch.load(a.trainer_state, weights_only=False))
-    batch = ragged_batch()
-    metrics = [trainer.optimizer_step(batch) for _ in range(a.steps)]
-    trainer.publish()
-    torch.save({"weights": {k: v.clone() for k, v in trainer.policy.state_dict().items()}, "metrics": metrics,
-                "trainer": trainer.state_dict()}, a.out)
-    trainer.close()
+    results = {}
+    for case in a.cases.split(","):
+        aggregation, accum = case.split(":")
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+        if a.weights:
+            model.load_state_dict(torch.load(a.weights))
+        cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99], "adam_eps": 1e-8,
+                                "max_grad_norm": 1.0, "warmup_steps": 1, "max_steps": 10, "min_lr_ratio": 0.1,
+                                "grad_accum_steps": int(accum), "optim_batch_size": 8, "epochs": 1})
+        loss = ClippedSurrogateLoss(aggregation=aggregation)
+        if group is None:
+            trainer = PolicyTrainer(model, loss, cfg, temperature=0.9)
+        else:
+            trainer = ShardedTrainer(model, loss, cfg, 0.9, group)
+            if a.rank:
+                while (command := group.receive())[0] != "stop":
+                    trainer.follow(*command)
+                continue
+        if a.trainer_state:
+            trainer.load_state_dict(torch.load(a.trainer_state, weights_only=False))
+        batch = ragged_batch()
+        metrics = [trainer.optimizer_step(batch) for _ in range(a.steps)]
+        trainer.publish()
+        results[case] = {"weights": {k: v.clone() for k, v in trainer.policy.state_dict().items()},
+                         "metrics": metrics, "trainer": trainer.state_dict()}
+        if group is not None:
+            group.send("stop")  # this case's followers move on to the next
+    if group is not None:
+        dist.destroy_process_group()
+    if a.rank == 0:
+        torch.save(results, a.out)
 
 
 if __name__ == "__main__":
