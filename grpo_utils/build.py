@@ -183,7 +183,8 @@ def trainer(cfg: DictConfig, model: torch.nn.Module, loss_fn: torch.nn.Module, r
         "lr": o.lr, "weight_decay": o.weight_decay, "betas": list(o.betas), "adam_eps": o.eps,
         "max_grad_norm": o.clip_grad_norm, "warmup_steps": o.warmup_steps, "min_lr_ratio": o.min_lr_ratio,
         "max_steps": t.max_steps, "epochs": t.epochs, "optim_batch_size": t.optim_batch_size,
-        "grad_accum_steps": t.grad_accum_steps, "mixed_precision": t.mixed_precision})
+        "grad_accum_steps": t.grad_accum_steps, "mixed_precision": t.mixed_precision,
+        "fsdp_param_dtype": cfg.train_model.fsdp_param_dtype})
     if group is not None:
         from grpo_utils.train.sharded import ShardedTrainer
 

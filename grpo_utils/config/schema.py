@@ -62,6 +62,9 @@ class TrainModelConfig:
                                  "(required with num_nodes > 1)")
     timeout_s: float = key(1800.0, "longest a trainer rank waits for the others (rank 0's rollouts and "
                            "evaluations included) before the run stops")
+    fsdp_param_dtype: str | None = key(None, "FSDP2 mixed-precision policy with num_devices > 1: bfloat16 all-gathers "
+                                        "parameters in bf16 (half the traffic and unsharded memory; gradients "
+                                        "reduced in fp32); null: the parameters' own dtype")
     gradient_checkpointing: bool = key(False, "recompute activations in backward to save memory")
     lora: LoraConfig = section(LoraConfig, "LoRA: train adapters only (PEFT)")
 

@@ -142,6 +142,11 @@ def validate_ranks(cfg: DictConfig, mode: str) -> None:
     _require(nodes >= 1 and n % nodes == 0,
              f"train_model.num_nodes={nodes} must be >= 1 and divide train_model.num_devices={n} (ranks per node)")
     _require(tm.timeout_s > 0, f"train_model.timeout_s={tm.timeout_s} must be > 0")
+    _require(tm.fsdp_param_dtype in (None, "bfloat16", "float32"),
+             f"train_model.fsdp_param_dtype={tm.fsdp_param_dtype!r}; expected null, bfloat16 or float32")
+    _require(tm.fsdp_param_dtype is None or n > 1,
+             f"train_model.fsdp_param_dtype={tm.fsdp_param_dtype} applies to sharded training only; it needs "
+             f"train_model.num_devices > 1 (got {n})")
     if tm.rendezvous is not None:
         host, _, port = str(tm.rendezvous).rpartition(":")
         _require(bool(host) and port.isdigit() and 0 < int(port) < 65536,

@@ -77,7 +77,9 @@ class GRPOLoop:
                 self.ranks.abort()
             raise
 
-    def _build_parts(self, point) -> None:
+    def _build_parts(self, point: ckpt.ResumePoint | None) -> None:
+        """Load the models, build the trainer (collective with the other ranks), evaluator, logger
+        and batch source, and restore ``point``'s state: :meth:`setup` after the cheap checks."""
         cfg = self.cfg
         resume_from = point.path if point is not None else None
         given_model, given_tokenizer, given_ref = self._given

@@ -36,18 +36,24 @@ if TYPE_CHECKING:
     from grpo_utils.distributed.ranks import RankGroup
 
 
-def shard_policy(model: torch.nn.Module) -> torch.nn.Module:
+def shard_policy(model: torch.nn.Module, param_dtype: str | None = None) -> torch.nn.Module:
     """``fully_shard`` each transformer block (the classes a Hugging Face model lists as
-    ``_no_split_modules``), then the whole model (embeddings, final norm, head), in place."""
-    from torch.distributed.fsdp import fully_shard
+    ``_no_split_modules``), then the whole model (embeddings, final norm, head), in place. With
+    ``param_dtype`` (``train_model.fsdp_param_dtype``) the blocks are all-gathered and run in that
+    dtype and gradients are reduced in fp32 (FSDP2's ``MixedPrecisionPolicy``)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if param_dtype is not None:
+        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
 
     blocks = set()
     for module in model.modules():
         blocks.update(getattr(module, "_no_split_modules", None) or ())
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     return model
 
 
@@ -59,7 +65,8 @@ class ShardedTrainer(PolicyTrainer):
     def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, train_cfg, temperature: float,
                  group: RankGroup, ref_model: torch.nn.Module | None = None):
         self.group = group
-        sharded = shard_policy(copy.deepcopy(model) if group.is_driver else model)
+        sharded = shard_policy(copy.deepcopy(model) if group.is_driver else model,
+                               train_cfg.get("fsdp_param_dtype"))
         super().__init__(sharded, loss_fn, train_cfg, temperature, ref_model)
         self.policy = model if group.is_driver else None
         self._load_weights()

@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--cases", default="token_mean:1")
     p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--param-dtype", help="train_model.fsdp_param_dtype")
     p.add_argument("--weights", help="a state dict to start from")
     p.add_argument("--trainer-state", help="a trainer state (optimizer, schedule) to resume")
     a = p.parse_args()
@@ -61,7 +62,8 @@ def main() -> None:
             model.load_state_dict(torch.load(a.weights))
         cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99], "adam_eps": 1e-8,
                                 "max_grad_norm": 1.0, "warmup_steps": 1, "max_steps": 10, "min_lr_ratio": 0.1,
-                                "grad_accum_steps": int(accum), "optim_batch_size": 8, "epochs": 1})
+                                "grad_accum_steps": int(accum), "optim_batch_size": 8, "epochs": 1,
+                                "fsdp_param_dtype": a.param_dtype})
         loss = ClippedSurrogateLoss(aggregation=aggregation)
         if group is None:
             trainer = PolicyTrainer(model, loss, cfg, temperature=0.9)

@@ -95,3 +95,16 @@ def test_checkpoints_move_between_world_sizes(model_dir, two_steps, tmp_path):
                             weights=tmp_path / "w.pt", trainer_state=tmp_path / "t.pt")["token_mean:1"]
         assert max_diff(straight["weights"], resumed["weights"]) < 1e-6, (first, second)
         assert resumed["metrics"][0]["lr"] == straight["metrics"][1]["lr"]
+
+
+def test_bf16_param_dtype_all_gathers_in_bf16_over_fp32_shards(model_dir, two_steps, tmp_path):
+    """train_model.fsdp_param_dtype=bfloat16: the step runs on bf16 copies of the parameters (so it
+    differs from the fp32 step, by bf16 rounding), while the shards, and the weights rank 0
+    gathers, stay fp32."""
+    fp32 = two_steps[1]["token_mean:1"]
+    bf16 = run_ranks(model_dir, tmp_path / "bf16.pt", 2, steps=2, param_dtype="bfloat16")["token_mean:1"]
+    assert all(v.dtype == torch.float32 for v in bf16["weights"].values())
+    diff = max_diff(fp32["weights"], bf16["weights"])
+    assert 1e-6 < diff < 1e-2
+    for m1, m2 in zip(fp32["metrics"], bf16["metrics"], strict=True):
+        assert m2["loss"] == pytest.approx(m1["loss"], rel=5e-2, abs=1e-3)

@@ -110,6 +110,10 @@ def test_sigterm_checkpoints_with_both_ranks_and_the_run_resumes(env, tmp_path):
     ("device=cpu train_model.num_devices=2 train_model.rendezvous=nohost",
      r"^train_model.rendezvous='nohost'; expected HOST:PORT$"),
     ("train_model.num_devices=2", r"^not enough GPUs: train_model.num_devices=2 = 2 GPUs, but the machine has 0"),
+    ("train_model.fsdp_param_dtype=bfloat16", r"^train_model.fsdp_param_dtype=bfloat16 applies to sharded training "
+                                              r"only; it needs train_model.num_devices > 1 \(got 1\)$"),
+    ("device=cpu train_model.num_devices=2 train_model.fsdp_param_dtype=half",
+     r"^train_model.fsdp_param_dtype='half'; expected null, bfloat16 or float32$"),
 ])
 def test_rank_settings_are_one_line_before_any_model_loads(line, message):
     from tests.config.test_command_lines import check
