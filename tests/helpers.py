@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # The tiny tokenizer's stop and pad ids (<|im_end|> and <|endoftext|>).
 EOS, PAD = 257, 0
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def train_cfg(**overrides):

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from grpo_utils.algo.advantages import check_advantage_config
 from grpo_utils.algo.shaping import RolloutShaping
 from grpo_utils.data.datasets import DATASET_REWARDS, DataError, validate_env
-from grpo_utils.distributed.resources import check_mode_options
+from grpo_utils.distributed.resources import check_mode_options, host_port
 from grpo_utils.errors import ConfigError
 from grpo_utils.models.loading import BUILTIN_PREFIX, DTYPES
 from grpo_utils.rewards import plan_reward
@@ -147,10 +147,8 @@ def validate_ranks(cfg: DictConfig, mode: str) -> None:
     _require(tm.fsdp_param_dtype is None or n > 1,
              f"train_model.fsdp_param_dtype={tm.fsdp_param_dtype} applies to sharded training only; it needs "
              f"train_model.num_devices > 1 (got {n})")
-    if tm.rendezvous is not None:
-        host, _, port = str(tm.rendezvous).rpartition(":")
-        _require(bool(host) and port.isdigit() and 0 < int(port) < 65536,
-                 f"train_model.rendezvous={tm.rendezvous!r}; expected HOST:PORT")
+    _require(tm.rendezvous is None or host_port(tm.rendezvous) is not None,
+             f"train_model.rendezvous={tm.rendezvous!r}; expected HOST:PORT")
     _require(nodes == 1 or tm.rendezvous is not None,
              f"train_model.num_nodes={nodes} needs train_model.rendezvous=HOST:PORT (an address of rank 0's node "
              "the other nodes reach)")

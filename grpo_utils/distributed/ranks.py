@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from grpo_utils.distributed.resources import host_port, ranks_per_node
 from grpo_utils.errors import ConfigError, GRPOError
 
 _CONFIG_KEY = "grpo/config"
@@ -127,20 +128,11 @@ class RankGroup:
         self.children.clear()
 
 
-def ranks_per_node(cfg: DictConfig) -> int:
-    return cfg.train_model.num_devices // cfg.train_model.num_nodes
-
-
 def rank_device(base: torch.device, local_rank: int) -> torch.device:
     """Rank ``r`` of a node trains on the node's ``r``-th GPU after the trainer's first (CPU ranks share the CPU)."""
     if base.type != "cuda":
         return base
     return torch.device("cuda", (base.index or 0) + local_rank)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _free_port() -> int:
@@ -166,7 +158,7 @@ def start(cfg: DictConfig, device: torch.device) -> RankGroup:
     nodes start when they join)."""
     world, per_node = cfg.train_model.num_devices, ranks_per_node(cfg)
     address = cfg.train_model.rendezvous or f"127.0.0.1:{_free_port()}"
-    host, port = split_address(address)
+    host, port = host_port(address)
     try:
         store = dist.TCPStore(host if cfg.train_model.rendezvous else "127.0.0.1", port, world_size=None,
                               is_master=True, timeout=_STORE_TIMEOUT, wait_for_workers=False)
@@ -202,6 +194,6 @@ def _die_with_parent() -> None:
 
 def fetch_config(address: str) -> tuple[dist.Store, DictConfig]:
     """The run's resolved config from rank 0's store at ``address`` (HOST:PORT)."""
-    host, port = split_address(address)
+    host, port = host_port(address)
     store = dist.TCPStore(host, port, is_master=False, timeout=_STORE_TIMEOUT)
     return store, OmegaConf.create(store.get(_CONFIG_KEY).decode())

@@ -135,12 +135,17 @@ def check_mode_options(cfg: DictConfig) -> None:
             raise ValueError(msg)
 
 
+def ranks_per_node(cfg: DictConfig) -> int:
+    """Trainer ranks on each node: ``train_model.num_devices / train_model.num_nodes``."""
+    return (OmegaConf.select(cfg, "train_model.num_devices", default=1)
+            // OmegaConf.select(cfg, "train_model.num_nodes", default=1))
+
+
 def trainer_gpus(cfg: DictConfig, trainer_device: torch.device) -> int:
     """GPUs the trainer ranks take on this node, from the trainer's device index on. Ranks run on
     CPU only with ``device=cpu`` said explicitly (``auto`` without a GPU still asks for GPUs: a
     multi-device run on a machine without them is a mistake, not a wish for CPU processes)."""
-    per_node = (OmegaConf.select(cfg, "train_model.num_devices", default=1)
-                // OmegaConf.select(cfg, "train_model.num_nodes", default=1))
+    per_node = ranks_per_node(cfg)
     if trainer_device.type == "cuda" or (per_node > 1 and str(OmegaConf.select(cfg, "device")) != "cpu"):
         return per_node
     return 0
@@ -319,16 +324,26 @@ def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
     raise_on_sigterm()
 
 
+def host_port(address: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[v6]:PORT`` too) split, or None when ``address`` is not one (e.g. Ray's
+    ``auto`` or a URL)."""
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "://" in address:
+        return None
+    return host.strip("[]"), int(port)
+
+
 def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
     """Why ``host:port`` does not accept a TCP connection, or None (also for "auto" and URLs,
     which Ray resolves itself)."""
     import socket
 
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or "://" in address:
+    parsed = host_port(address)
+    if parsed is None:
         return None
+    host, port = parsed
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+        with socket.create_connection((host, port), timeout=timeout_s):
             return None
     except OSError as e:
         return f"nothing answers at {host}:{port} ({e.strerror or e})"

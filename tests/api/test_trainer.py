@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,19 +124,26 @@ def test_sequence_classifier_reward_model_drives_learning(tmp_path):
     assert last > first + 1.0, rewards
 
 
-@pytest.mark.ray
-def test_async_mode_from_the_api(tiny_dir, tmp_path):
-    """mode="async": the in-memory model is saved for the Ray collectors, which load it by path."""
+def train_saved_in_memory_model(tiny_dir, config: GRPOConfig) -> list[dict]:
+    """Train an in-memory copy of the tiny model for 4 steps where another process needs it by
+    path: it must be saved to output_dir/initial_model first. Returns the training lines."""
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    out = tmp_path / "async"
-    config = small_config(out, mode="async", overrides=["num_threads=1", "mode.actor_timeout_s=60"])
     trainer = GRPOTrainer(model=model, tokenizer=tok, config=config, train_dataset=quickstart_rows(20, seed=1),
                           reward="numeric_answer")
-    assert (out / "initial_model" / "config.json").is_file()
+    assert (Path(config.output_dir) / "initial_model" / "config.json").is_file()
     trainer.train()
     lines = [r for r in trainer.history if "reward/mean" in r]
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    return lines
+
+
+@pytest.mark.ray
+def test_async_mode_from_the_api(tiny_dir, tmp_path):
+    """mode="async": the in-memory model is saved for the Ray collectors, which load it by path."""
+    out = tmp_path / "async"
+    lines = train_saved_in_memory_model(tiny_dir, small_config(out, mode="async", overrides=[
+        "num_threads=1", "mode.actor_timeout_s=60"]))
     assert all("staleness/max" in r for r in lines)
     assert (out / "final_model" / "model.safetensors").is_file()
 
@@ -143,18 +151,10 @@ def test_async_mode_from_the_api(tiny_dir, tmp_path):
 def test_two_trainer_ranks_from_the_api(tiny_dir, tmp_path):
     """train_model.num_devices=2 with an in-memory model: it is saved for the other rank to build
     the architecture from (the weights then come from rank 0), and the run trains on both ranks."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
     out = tmp_path / "ranks"
     # An entropy bonus moves the weights even where the untrained model earns no reward.
-    config = small_config(out, device="cpu", overrides=["num_threads=1", "train_model.num_devices=2",
-                                                        "loss.entropy_coef=0.5"])
-    trainer = GRPOTrainer(model=model, tokenizer=tok, config=config, train_dataset=quickstart_rows(20, seed=1),
-                          reward="numeric_answer")
-    assert (out / "initial_model" / "config.json").is_file()
-    trainer.train()
-    lines = [r for r in trainer.history if "reward/mean" in r]
-    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    train_saved_in_memory_model(tiny_dir, small_config(out, device="cpu", overrides=[
+        "num_threads=1", "train_model.num_devices=2", "loss.entropy_coef=0.5"]))
     before = AutoModelForCausalLM.from_pretrained(out / "initial_model").state_dict()
     after = AutoModelForCausalLM.from_pretrained(out / "final_model").state_dict()
     assert max((before[k] - after[k]).abs().max().item() for k in before) > 0  # rank 0's policy got the steps

@@ -18,6 +18,7 @@ from tests.helpers import (  # noqa: E402
     REPO,
     SYNC_RECIPE,
     assert_succeeded,
+    free_port,
     recipe_command,
     run_recipe,
     train_lines,
@@ -323,12 +324,9 @@ def test_local_sync_checkpoint_resumes_on_ray_at_the_same_prompt_position(env, t
 def external_cluster(env):
     """A Ray cluster started the way a multi-node job starts its head node (1 CPU here)."""
     import shutil
-    import socket
 
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**env, "RAY_AUTH_MODE": "token"}  # as slurm/grpo-ray.sbatch runs it: the token in ~/.ray on every client
     start = subprocess.run([ray_cli, "start", "--head", f"--port={port}",
                             "--num-cpus=1", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"],
@@ -359,11 +357,7 @@ def test_joins_a_running_cluster_and_leaves_it_running(tiny_dir, tmp_path, exter
 
 
 def test_unreachable_cluster_is_a_one_line_error(env, tiny_dir, tmp_path):
-    import socket
-
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens there
     proc = run_async({**env, "RAY_AUTH_MODE": "disabled"},
                      *sync_ray_overrides(tiny_dir, tmp_path / "nowhere", f"mode.ray_address=127.0.0.1:{port}"),
                      recipe=SYNC_RECIPE, check=False, timeout=60)

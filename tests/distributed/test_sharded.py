@@ -4,7 +4,6 @@ mini-batch, and their checkpoints resume on any number of ranks."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import free_port
+
 WORKER = Path(__file__).with_name("sharded_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(model_dir: Path, out: Path, world: int, **options) -> dict:

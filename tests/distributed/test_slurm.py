@@ -242,14 +242,20 @@ def test_sigterm_to_the_job_reaches_the_recipe_and_stops_everything(job, tmp_pat
 # ------------------------------------------------------------------------------------- Ray
 
 
-@pytest.mark.ray
-def test_async_trainer_node_and_ray_worker_node(job, tmp_path):
+def run_ray_job(job: dict, run_dir: Path, script: str, recipe: str, *args: str,
+                extra_env: dict | None = None) -> None:
+    """``script`` running ``recipe`` with a Ray cluster over the two nodes: a 2-step run completes."""
     pytest.importorskip("ray")
-    run_dir = tmp_path / "async"
-    proc = run_script(job, "grpo-async-multi-node.sbatch", "grpo-async.py", f"hydra.run.dir={run_dir}", *TINY,
-                      "mode.actor_timeout_s=60", "eval.before_after=false")
+    proc = run_script(job, script, recipe, f"hydra.run.dir={run_dir}", *TINY, *args, "mode.actor_timeout_s=60",
+                      "eval.before_after=false", extra_env=extra_env)
     assert_succeeded(proc)
     assert_two_step_run(run_dir)
+
+
+@pytest.mark.ray
+def test_async_trainer_node_and_ray_worker_node(job, tmp_path):
+    run_dir = tmp_path / "async"
+    run_ray_job(job, run_dir, "grpo-async-multi-node.sbatch", "grpo-async.py")
     rendezvous, ray_port = job["ports"]
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert (cfg.mode.name, cfg.mode.ray_address, cfg.train_model.num_devices, cfg.train_model.num_nodes) == \
@@ -269,30 +275,22 @@ def test_async_trainer_node_and_ray_worker_node(job, tmp_path):
 @pytest.mark.ray
 def test_sync_with_an_inference_node_on_ray(job, tmp_path):
     """GRPO_INFERENCE_NODES=1: node0 trains, node1 hosts the collector of mode.ray=true."""
-    pytest.importorskip("ray")
     run_dir = tmp_path / "sync_ray"
-    proc = run_script(job, "grpo-sync-multi-node.sbatch", "grpo-sync.py", f"hydra.run.dir={run_dir}", *TINY,
-                      "mode.actor_timeout_s=60", "eval.before_after=false", extra_env={"GRPO_INFERENCE_NODES": "1"})
-    assert_succeeded(proc)
-    assert_two_step_run(run_dir)
+    run_ray_job(job, run_dir, "grpo-sync-multi-node.sbatch", "grpo-sync.py",
+                extra_env={"GRPO_INFERENCE_NODES": "1"})
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert (cfg.mode.ray, cfg.mode.ray_address, cfg.train_model.num_nodes) == (True, f"127.0.0.1:{job['ports'][1]}", 1)
     assert [s.split(" -w ")[1].split()[0] for s in steps(job) if "start --address" in s] == ["node1"]
     assert_nothing_left(job, run_dir)
 
 
-
 @pytest.mark.ray
 def test_grpo_ray_sbatch_on_the_shared_bootstrap(job, tmp_path):
     """grpo-ray.sbatch (now on common.sh): the head node keeps GRPO_TRAINER_CPUS for the trainer
     and offers the rest, node1 all of its CPUs; the recipe joins that cluster."""
-    pytest.importorskip("ray")
     run_dir = tmp_path / "ray"
-    proc = run_script(job, "grpo-ray.sbatch", "grpo-sync.py", f"hydra.run.dir={run_dir}", *TINY, "mode.ray=true",
-                      "mode.actor_timeout_s=60", "eval.before_after=false",
-                      extra_env={"SLURM_CPUS_ON_NODE": "2", "GRPO_TRAINER_CPUS": "1"})
-    assert_succeeded(proc)
-    assert_two_step_run(run_dir)
+    run_ray_job(job, run_dir, "grpo-ray.sbatch", "grpo-sync.py", "mode.ray=true",
+                extra_env={"SLURM_CPUS_ON_NODE": "2", "GRPO_TRAINER_CPUS": "1"})
     lines = steps(job)
     (head,) = [s for s in lines if "start --head" in s]
     (worker,) = [s for s in lines if "start --address" in s]
