@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import torch
 import torch.distributed as dist
 
-from grpo_utils.distributed.ranks import RankGroup, fetch_config, init_group, rank_device, ranks_per_node, spawn_rank
+from grpo_utils.distributed.ranks import RankGroup, fetch_config, init_group, rank_device, spawn_rank
+from grpo_utils.distributed.resources import ranks_per_node
 from grpo_utils.errors import ConfigError, GRPOError
 
 
@@ -25,13 +27,13 @@ def follow(address: str, rank: int, local_rank: int, world_size: int) -> None:
     from grpo_utils import build
     from grpo_utils.config.validate import resolve_device, seed_everything
     from grpo_utils.models.loading import resolve_model_path
-    from grpo_utils.train.run import quiet_console
+    from grpo_utils.train.run import quiet_libraries
 
     store, cfg = fetch_config(address)
     device = rank_device(resolve_device(cfg.device), local_rank)
     torch.set_num_threads(cfg.num_threads or 1)
     seed_everything(cfg.seed)
-    quiet_console()
+    quiet_libraries()
     # Build a builtin model (cold cache) before joining the group: in an initialized process group
     # transformers' save_pretrained writes weights on rank 0 only, so this rank would cache a
     # model directory holding just the tokenizer, which every later run then fails to load.
@@ -73,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Ctrl-C in a terminal and a scheduler's SIGTERM reach every process of the job: only rank 0
+    # acts on them (it finishes the ranks' current command, checkpoints with them, then sends
+    # stop). A rank that died of the signal itself would leave rank 0 nothing to checkpoint with.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if args.node_rank is not None:
             return join_node(args.address, args.node_rank)

@@ -21,15 +21,21 @@ from grpo_utils.errors import ConfigError, raise_on_sigterm
 def prepare_process(cfg: DictConfig, mode: str) -> torch.device:
     """Check the run (:func:`check_run`), then seed, set threads, quiet the libraries' per-step
     logging and turn SIGTERM into an exception; returns the trainer's device."""
-    tensordict.set_list_to_stack(True).set()  # TorchRL's LLM modules require it
-    transformers.utils.logging.disable_progress_bar()
     device = check_run(cfg, mode)
-    quiet_console()
+    quiet_libraries()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     raise_on_sigterm()
     return device
+
+
+def quiet_libraries() -> None:
+    """What every trainer process sets up in the libraries, rank 0 and the others alike: TorchRL's
+    list stacking, no weight-loading progress bars, the quiet console (:func:`quiet_console`)."""
+    tensordict.set_list_to_stack(True).set()  # TorchRL's LLM modules require it
+    transformers.utils.logging.disable_progress_bar()
+    quiet_console()
 
 
 def quiet_console() -> None:

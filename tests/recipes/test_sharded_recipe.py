@@ -52,7 +52,8 @@ def _start_long_run(env, run_dir: Path, *extra: str) -> tuple[subprocess.Popen, 
     proc = subprocess.Popen(recipe_command(SYNC_RECIPE, *TWO_RANKS, "train.max_steps=400", "eval.heldout_size=10",
                                            "eval.every_n_steps=0", "checkpoint.every_n_steps=0",
                                            f"hydra.run.dir={run_dir}", *extra),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's job has
     deadline = time.monotonic() + 120
     while not (run_dir / "metrics.jsonl").exists() or len(train_lines(run_dir)) < 2:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -69,27 +70,35 @@ def test_no_rank_outlives_a_killed_rank_0(env, tmp_path):
     import psutil
 
     proc, children = _start_long_run(env, tmp_path / "run")
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)  # rank 0 only
     proc.communicate()
     _, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, [p.cmdline() for p in alive]
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_with_both_ranks_and_the_run_resumes(env, tmp_path):
-    """SIGTERM lands between the ranks' commands (never half-way through a step), so rank 0 gathers
-    a checkpoint with rank 1, stops it, and exits with one line; the run resumes from there."""
+@pytest.mark.parametrize("how", ["sigterm_to_rank_0", "ctrl_c_to_every_process"])
+def test_a_stop_checkpoints_with_both_ranks_and_the_run_resumes(env, tmp_path, how):
+    """SIGTERM to rank 0, or Ctrl-C (SIGINT to the terminal's whole process group: rank 1 gets it
+    too and leaves it to rank 0), lands between the ranks' commands, never half-way through a
+    step: rank 0 gathers a checkpoint with rank 1, stops it, and exits with one line; the run
+    resumes from there."""
     import psutil
 
     run_dir = tmp_path / "run"
     proc, children = _start_long_run(env, run_dir)
-    proc.send_signal(signal.SIGTERM)
+    if how == "sigterm_to_rank_0":
+        proc.send_signal(signal.SIGTERM)
+        expected, code = "error: terminated (SIGTERM); last checkpoint: step ", 1
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+        expected, code = "interrupted; last checkpoint: step ", 130
     try:
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()  # never left running when the assertion below fails
     last = err.strip().splitlines()[-1]
-    assert proc.returncode == 1 and last.startswith("error: terminated (SIGTERM); last checkpoint: step "), err[-2000:]
+    assert proc.returncode == code and last.startswith(expected), err[-2000:]
     _, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, [p.cmdline() for p in alive]
     step = int(last.rsplit(" ", 1)[1])
