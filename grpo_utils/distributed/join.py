@@ -16,9 +16,18 @@ import sys
 import torch
 import torch.distributed as dist
 
-from grpo_utils.distributed.ranks import RankGroup, fetch_config, init_group, rank_device, spawn_rank
-from grpo_utils.distributed.resources import ranks_per_node
+from grpo_utils.distributed.ranks import RankGroup, fetch_config, init_group, rank_device, ranks_per_node, spawn_rank
 from grpo_utils.errors import ConfigError, GRPOError
+
+
+def leave_stops_to_rank_0() -> None:
+    """Ctrl-C in a terminal and a scheduler's SIGTERM reach every process of the job: once the
+    run's ranks exist only rank 0 acts on them (it finishes the ranks' current command,
+    checkpoints with them, then sends stop). A rank that died of the signal itself would leave
+    rank 0 nothing to checkpoint with. A joining node's launcher still waiting for the run's
+    config (rank 0 may have stopped before publishing it) keeps the default: a stop ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def follow(address: str, rank: int, local_rank: int, world_size: int) -> None:
@@ -29,6 +38,7 @@ def follow(address: str, rank: int, local_rank: int, world_size: int) -> None:
     from grpo_utils.models.loading import resolve_model_path
     from grpo_utils.train.run import quiet_libraries
 
+    leave_stops_to_rank_0()
     store, cfg = fetch_config(address)
     device = rank_device(resolve_device(cfg.device), local_rank)
     torch.set_num_threads(cfg.num_threads or 1)
@@ -60,6 +70,7 @@ def join_node(address: str, node_rank: int) -> int:
     if not 0 < node_rank < cfg.train_model.num_nodes:
         raise ConfigError(f"--node-rank {node_rank}: train_model.num_nodes={cfg.train_model.num_nodes} "
                           f"has nodes 1..{cfg.train_model.num_nodes - 1} to join")
+    leave_stops_to_rank_0()
     children = [spawn_rank(address, rank=node_rank * per_node + r, local_rank=r, world_size=world)
                 for r in range(per_node)]
     return max(child.wait() for child in children)
@@ -75,11 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # Ctrl-C in a terminal and a scheduler's SIGTERM reach every process of the job: only rank 0
-    # acts on them (it finishes the ranks' current command, checkpoints with them, then sends
-    # stop). A rank that died of the signal itself would leave rank 0 nothing to checkpoint with.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         if args.node_rank is not None:
             return join_node(args.address, args.node_rank)

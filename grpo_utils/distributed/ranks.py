@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from grpo_utils.distributed.resources import host_port, ranks_per_node
 from grpo_utils.errors import ConfigError, GRPOError
 
 _CONFIG_KEY = "grpo/config"
@@ -126,6 +125,21 @@ class RankGroup:
             except subprocess.TimeoutExpired:
                 child.kill()
         self.children.clear()
+
+
+def ranks_per_node(cfg: DictConfig) -> int:
+    """Trainer ranks on each node: ``train_model.num_devices / train_model.num_nodes``."""
+    return (OmegaConf.select(cfg, "train_model.num_devices", default=1)
+            // OmegaConf.select(cfg, "train_model.num_nodes", default=1))
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[v6]:PORT`` too) split, or None when ``address`` is not one (e.g. Ray's
+    ``auto`` or a URL)."""
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "://" in address:
+        return None
+    return host.strip("[]"), int(port)
 
 
 def rank_device(base: torch.device, local_rank: int) -> torch.device:

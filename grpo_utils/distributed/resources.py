@@ -13,6 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpo_utils.config.schema import AsyncModeConfig, SyncModeConfig, defaults_of
 
+# Not defined here: ranks.py must not import the config package (Hydra), which bench/gpu_check.py
+# runs without.
+from grpo_utils.distributed.ranks import host_port, ranks_per_node  # noqa: F401 (re-exported)
+
 # The keys of ``mode`` and their defaults, per mode, from the schema (read with OmegaConf.select,
 # so a partial config gets the default).
 SYNC_DEFAULTS = defaults_of(SyncModeConfig, exclude=("name",))
@@ -133,12 +137,6 @@ def check_mode_options(cfg: DictConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-
-
-def ranks_per_node(cfg: DictConfig) -> int:
-    """Trainer ranks on each node: ``train_model.num_devices / train_model.num_nodes``."""
-    return (OmegaConf.select(cfg, "train_model.num_devices", default=1)
-            // OmegaConf.select(cfg, "train_model.num_nodes", default=1))
 
 
 def trainer_gpus(cfg: DictConfig, trainer_device: torch.device) -> int:
@@ -322,15 +320,6 @@ def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
     from grpo_utils.errors import raise_on_sigterm
 
     raise_on_sigterm()
-
-
-def host_port(address: str) -> tuple[str, int] | None:
-    """``HOST:PORT`` (``[v6]:PORT`` too) split, or None when ``address`` is not one (e.g. Ray's
-    ``auto`` or a URL)."""
-    host, sep, port = str(address).rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "://" in address:
-        return None
-    return host.strip("[]"), int(port)
 
 
 def unreachable(address: str, timeout_s: float = 5.0) -> str | None:
