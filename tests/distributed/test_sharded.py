@@ -13,6 +13,8 @@ import torch
 
 from tests.helpers import free_port
 
+pytestmark = pytest.mark.ranks  # every test starts gloo rank processes (~2 min in all)
+
 WORKER = Path(__file__).with_name("sharded_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
