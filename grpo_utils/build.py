@@ -238,7 +238,7 @@ def rollout(cfg: DictConfig, model, tokenizer, render, reward_fn, stream, loss_f
             colocated: bool = True):
     """The engine ``rollout._target_`` names (``rollout=direct``: one batched call of the
     ``inference_model.backend`` generator; ``collector``: TorchRL's LLMCollector over a
-    DatasetChatEnv; both yield the same batches). The Ray actors build theirs here too
+    ChatEnv + DataLoadingPrimer; both yield the same batches). The Ray actors build theirs here too
     (``colocated=False``, their own ``seed``)."""
     from grpo_utils.config.validate import rollout_class
     from grpo_utils.inference.transformers import generation_kwargs

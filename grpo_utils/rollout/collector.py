@@ -1,5 +1,5 @@
 """The same rollout as :class:`~grpo_utils.rollout.group.GroupRollout`, through TorchRL's env and
-collector: a ``DatasetChatEnv`` whose primer repeats each prompt ``group_size`` times, a
+collector: a ``ChatEnv`` whose ``DataLoadingPrimer`` repeats each prompt ``group_size`` times, a
 ``TransformersWrapper`` in history mode, and an ``LLMCollector`` yielding one batch per step.
 
 Select it with ``rollout=collector``. It is the path to use when a run needs TorchRL env
@@ -39,27 +39,26 @@ class _StreamPrompts(IterableDataset):
 
 def make_grouped_env(dataloader: DataLoader, tokenizer, num_prompts: int, group_size: int,
                      system_prompt: str | None):
-    """A ``DatasetChatEnv`` of ``num_prompts * group_size`` envs, the repeats of a prompt contiguous.
+    """A ``ChatEnv`` of ``num_prompts * group_size`` envs fed by a ``DataLoadingPrimer`` that loads
+    ``num_prompts`` prompts and repeats each ``group_size`` times, the repeats contiguous.
 
-    ``DatasetChatEnv`` hands its primer and its ``ChatEnv`` the same batch size, and with
-    ``group_repeats=True`` the primer multiplies it by ``repeats`` once more (P*G*G rows);
-    the primer must get P and the chat env P*G, so the two are assembled here.
+    Not ``DatasetChatEnv``: it hands its primer and its ``ChatEnv`` the same batch size, and with
+    ``group_repeats=True`` the primer multiplies it by ``repeats`` once more (P*G*G rows). The
+    primer must get P and the chat env P*G, so the two are composed here with public constructors.
     """
     from torchrl.envs import TransformedEnv
-    from torchrl.envs.llm import ChatEnv, DatasetChatEnv
+    from torchrl.envs.llm import ChatEnv
     from torchrl.envs.llm.transforms import DataLoadingPrimer
 
-    env = DatasetChatEnv.__new__(DatasetChatEnv)
     base = ChatEnv(batch_size=(num_prompts * group_size,), tokenizer=tokenizer, input_mode="history",
                    system_prompt=system_prompt)
     primer = DataLoadingPrimer(dataloader=dataloader, repeats=group_size, group_repeats=True,
                                batch_size=(num_prompts,))
-    TransformedEnv.__init__(env, base, primer)
-    return env
+    return TransformedEnv(base, primer)
 
 
 class CollectorRollout(GroupRollout):
-    """:class:`GroupRollout` whose generation runs through ``LLMCollector`` over a ``DatasetChatEnv``."""
+    """:class:`GroupRollout` whose generation runs through ``LLMCollector`` over a primed ``ChatEnv``."""
 
     samples_log_probs = False  # the history-mode wrapper's log-probs are not kept
     needs_chat_template = True

@@ -1,5 +1,5 @@
 """Both rollout engines (direct TransformersWrapper call, TorchRL LLMCollector over a
-DatasetChatEnv) draw the same prompts in the same order and build the same kind of batch."""
+ChatEnv + DataLoadingPrimer) draw the same prompts in the same order and build the same kind of batch."""
 
 from __future__ import annotations
 
