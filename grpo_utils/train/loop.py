@@ -2,7 +2,7 @@
 
 What differs between the modes is only where a batch comes from (the local rollout, one Ray
 collector asked for each batch, or a pool of collectors streaming into a queue: see
-:func:`grpo_utils.build.batch_source`) and how often the weights are pushed back. Every step is:
+:func:`grpo_utils.train.sources.batch_source`) and how often the weights are pushed back. Every step is:
 
     batch = source.collect()                # P prompts x G completions, scored
     prepare(batch)                          # behaviour/reference log-probs, advantages
