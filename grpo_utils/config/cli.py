@@ -35,7 +35,6 @@ RENAMED: dict[str, tuple[str, str]] = {
     "train.exp_name": ("logger.run_name", ""),
     "train.logging_frequency": ("eval.every_n_steps", "metrics are logged every step; this sets evaluation"),
     "train.empty_replay_buffer": ("train.epochs", "each batch is trained on train.epochs times, then dropped"),
-    "train.packing": ("", "sequence packing is not available"),
     "env.repeats": ("env.group_size", "completions per prompt"),
     "env.num_envs": ("env.num_prompts", "prompts per batch"),
     "env.reasoning": ("env.template", "env.template=r1_zero for the <think>/<answer> format"),

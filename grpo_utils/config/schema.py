@@ -211,6 +211,8 @@ class TrainConfig:
     epochs: int = key(1, "passes over each rollout batch (> 1: later passes are off-policy)")
     optim_batch_size: int = key(64, "sequences per optimizer step; must divide num_prompts * group_size")
     grad_accum_steps: int = key(1, "micro-batches per optimizer step (exact accumulation)")
+    packing: bool = key(False, "forwards on sequences packed end to end (no padding; the same log-probs to float "
+                        "noise): faster when completion lengths differ")
     mixed_precision: str = key("no", "no | bf16 | fp16: autocast the trainer's forwards (fp32 weights, gradients "
                                "and optimizer state; fp16 adds loss scaling); needs model.dtype=float32")
 

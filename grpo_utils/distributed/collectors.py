@@ -151,7 +151,8 @@ class RolloutWorker:
         self._apply_pending(min_version)
         batch, stats = self.rollout.collect(policy_version=self.version)
         if self.cfg.inference_model.backend != "vllm":  # with vLLM the trainer computes them (see the loop)
-            add_behaviour_log_probs(self.model, batch, self.cfg.generation.temperature, self.micro_batch_size)
+            add_behaviour_log_probs(self.model, batch, self.cfg.generation.temperature, self.micro_batch_size,
+                                    self.cfg.train.packing)
         if not self.loss_fn.kl_in_reward:  # a KL-in-reward penalty needs the trainer's reference model
             stats |= self.advantages(batch)
         self.batches += 1

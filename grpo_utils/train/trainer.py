@@ -100,6 +100,8 @@ class PolicyTrainer:
         self.ref_model = ref_model
         self.temperature = temperature
         self.grad_accum_steps = train_cfg.grad_accum_steps
+        # Forwards on packed sequences (grpo_utils.algo.packing): the same values, no padding computed.
+        self.packing = bool(train_cfg.get("packing", False))
         # Only train_on_batch uses these (unit tests drive optimizer_step with partial configs).
         self.optim_batch_size = train_cfg.get("optim_batch_size")
         self.epochs = train_cfg.get("epochs", 1)
@@ -125,7 +127,7 @@ class PolicyTrainer:
     def _log_probs(self, model, mb: TensorDict, with_entropy: bool):
         start = mb["input_ids"].shape[1] - mb["response_mask"].shape[1]
         return response_log_probs(model, mb["input_ids"], mb["attention_mask"], start,
-                                  self.temperature, with_entropy)
+                                  self.temperature, with_entropy, packed=self.packing)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context every forward of the policy (and reference) runs in: ``torch.autocast`` in
@@ -140,9 +142,10 @@ class PolicyTrainer:
         precision as the training forward, so the first update's ratio is exactly 1."""
         with self.autocast():
             if need_behaviour:
-                add_behaviour_log_probs(self.policy, batch, self.temperature, micro_batch_size)
+                add_behaviour_log_probs(self.policy, batch, self.temperature, micro_batch_size, self.packing)
             if self.ref_model is not None:
-                batch["ref_log_probs"] = batch_log_probs(self.ref_model, batch, self.temperature, micro_batch_size)
+                batch["ref_log_probs"] = batch_log_probs(self.ref_model, batch, self.temperature, micro_batch_size,
+                                                         self.packing)
 
     def _backward(self, loss: torch.Tensor) -> None:
         """Accumulate ``loss``'s gradients (scaled first with fp16)."""
