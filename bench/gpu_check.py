@@ -76,13 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lora-steps", type=int, default=4)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--kl-coef", type=float, default=0.04)
+    ap.add_argument("--lr", type=float, default=1e-5, help="full fine-tuning's learning rate (LoRA: 10x)")
     ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: from its name)")
     ap.add_argument("--keep", help="keep the model and run directories here (default: a temporary directory)")
     ap.add_argument("--run-timeout", type=float, default=300, help="seconds one recipe run may take")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.tiny:
-        for name, value in (("prompts", 2), ("group", 4), ("new_tokens", 8), ("steps", 4), ("lora_steps", 2)):
+        for name, value in (("prompts", 2), ("group", 4), ("new_tokens", 8), ("steps", 4), ("lora_steps", 2),
+                            ("lr", 1e-3)):
             if getattr(a, name) == ap.get_default(name):
                 setattr(a, name, value)
     batch = a.prompts * a.group
@@ -161,6 +163,13 @@ def overrides(a: argparse.Namespace, model_dir: Path, run_dir: Path, device: str
     ]
 
 
+def recipe_env() -> dict[str, str]:
+    """The recipe's environment: grpo_utils from this checkout first (nothing is installed on a lent
+    GPU machine), Hydra's full tracebacks in the run's log."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else ""), "HYDRA_FULL_ERROR": "1"}
+
+
 def run_recipe(name: str, args: list[str], run_dir: Path, timeout: float) -> tuple[list[dict], float]:
     """Run ``grpo-sync.py`` with ``args`` as a user does (its output in ``<run_dir>.log``); returns
     the training lines of its metrics.jsonl and its wall time."""
@@ -169,7 +178,7 @@ def run_recipe(name: str, args: list[str], run_dir: Path, timeout: float) -> tup
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.run([sys.executable, str(RECIPE), *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=timeout, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+                              timeout=timeout, env=recipe_env())
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = log.read_text()[-4000:]
@@ -258,14 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, spb = work / "model", a.steps_per_batch
         full_lines = None
         plans = {
-            "full": (a.steps, counts["params"], ["optimizer.lr=1e-5", f"checkpoint.every_n_steps={spb}",
+            "full": (a.steps, counts["params"], [f"optimizer.lr={a.lr}", f"checkpoint.every_n_steps={spb}",
                                                  "checkpoint.keep_last=null"]),
-            "resumed": (a.steps, counts["params"], ["optimizer.lr=1e-5", f"checkpoint.every_n_steps={spb}",
+            "resumed": (a.steps, counts["params"], [f"optimizer.lr={a.lr}", f"checkpoint.every_n_steps={spb}",
                                                     f"resume={work / 'full' / 'checkpoints' / f'step_{spb}'}"]),
             "lora": (a.lora_steps, counts["lora_params"],
                      ["train_model.lora.enabled=true", f"train_model.lora.r={a.lora_r}",
                       f"train_model.lora.alpha={2 * a.lora_r}", "train_model.lora.target_modules=all-linear",
-                      "optimizer.lr=1e-4", "checkpoint.every_n_steps=0"]),
+                      f"optimizer.lr={10 * a.lr}", "checkpoint.every_n_steps=0"]),
         }
         for run in a.runs:
             steps, trainable, extra = plans[run]

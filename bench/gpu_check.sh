@@ -91,5 +91,7 @@ if (( ${#missing[@]} )); then
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+# The recipe imports grpo_utils from this checkout (nothing is pip-installed on the GPU machine).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 exec timeout -k 10 "${GPU_CHECK_TIMEOUT:-460}" "$PY" "$ROOT/bench/gpu_check.py" "$@"

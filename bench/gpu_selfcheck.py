@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,12 @@ def common_overrides(model_dir: Path | str, run_dir: Path | str) -> list[str]:
             "checkpoint.every_n_steps=0", "seed=0"]
 
 
+def recipe_env() -> dict[str, str]:
+    """The recipe's environment: grpo_utils from this checkout first (also where it is not installed)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
+
+
 def skip_reason(path: Check, gpus: int, has_vllm: bool, has_ray: bool) -> str | None:
     """Why ``path`` cannot run here (None: it can)."""
     if gpus < path.gpus:
@@ -104,7 +111,7 @@ def run_path(path: Check, model_dir: Path, work: Path, timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(RECIPE), *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, env=recipe_env())
     except subprocess.TimeoutExpired:
         return {"status": "FAIL", "why": f"no result in {timeout:.0f} s"}
     (work / f"{path.name}.log").write_text(proc.stdout + proc.stderr)
