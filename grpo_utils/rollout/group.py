@@ -232,6 +232,7 @@ class GroupRollout:
         stats = {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(rows) > 1 else 0.0,
+            "prompt_length/mean": part["prompt_mask"].sum(-1).float().mean().item(),
             "response_length/mean": lengths.float().mean().item(),
             "response_length/max": lengths.max().item(),
             "truncated_fraction": truncated.float().mean().item(),

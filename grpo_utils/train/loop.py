@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from grpo_utils import build
@@ -159,7 +160,8 @@ class GRPOLoop:
                 for metrics in self.trainer.train_on_batch(batch, stats["time/generate_s"]):
                     state.step += 1
                     since_push += 1
-                    self.logger.log({**stats, **metrics, "policy_version": state.policy_version}, step=state.step)
+                    self.logger.log({**stats, **metrics, "policy_version": state.policy_version, **self._memory()},
+                                    step=state.step)
                     if eval_every and state.step % eval_every == 0:
                         self.logger.log_eval(self.evaluate(), step=state.step)
                     if state.step >= max_steps:
@@ -191,6 +193,13 @@ class GRPOLoop:
             if isinstance(error, GRPOError | KeyboardInterrupt | Terminated):
                 error.checkpoint_step = saved if saved > 0 else None
             raise
+
+    def _memory(self) -> dict[str, float]:
+        """This process's peak GPU memory so far (``torch.cuda.max_memory_allocated``), on CUDA only:
+        what to compare with the card's memory when sizing a batch or a model."""
+        if self.device.type != "cuda":
+            return {}
+        return {"perf/peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
 
     def prepare(self, batch) -> dict[str, float]:
         """Behaviour and reference log-probs, then advantages. A Ray collector sends the former,
