@@ -104,3 +104,54 @@ def unpack(values: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
 def padding_fraction(attention_mask: torch.Tensor) -> float:
     """The share of a padded batch's positions that hold no token (what packing saves)."""
     return 1.0 - attention_mask.float().mean().item()
+
+
+def token_budget_groups(lengths: list[int], budget: int, packed: bool, parts: int = 1) -> list[list[int]]:
+    """Sequence indices grouped into micro-batches that each cost at most ``budget`` tokens: the
+    sum of their lengths when ``packed``, else their count times the longest (what a padded
+    forward computes). Longest first, each group filled greedily, so similar lengths share a
+    group; a sequence longer than ``budget`` is a group of its own. With ``parts`` > 1 (trainer
+    ranks, one group each per micro-step) groups are split further until their number is a
+    multiple of ``parts`` (always possible when ``len(lengths)`` is)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            cost = (sum(lengths[j] for j in group) + lengths[i] if packed
+                    else (len(group) + 1) * max(lengths[group[0]], lengths[i]))
+            if cost <= budget:
+                group.append(i)
+                continue
+        groups.append([i])
+    while len(groups) % parts:
+        largest = max(range(len(groups)), key=lambda g: len(groups[g]))
+        if len(groups[largest]) < 2:
+            raise ValueError(f"{len(lengths)} sequences cannot form a multiple of {parts} micro-batches")
+        group = groups.pop(largest)
+        groups[largest:largest] = [group[: len(group) // 2], group[len(group) // 2:]]
+    return groups
+
+
+def trim_padding(batch, prompt_keys: tuple[str, ...] = ("input_ids", "attention_mask")):
+    """``batch`` (a TensorDict laid out as the rollout makes it) without the columns that are
+    padding in every row: leading prompt columns and trailing response columns. Keys in
+    ``prompt_keys`` span prompt + response; every other 2-D key is response-aligned (mask,
+    log-probs). A micro-batch of short sequences then costs its own width, not the mini-batch's."""
+    mask = batch["attention_mask"].bool()
+    response = batch["response_mask"]
+    width, resp_width = mask.shape[1], response.shape[1]
+    start = width - resp_width
+    used = mask[:, :start].any(0).nonzero()
+    first = int(used[0]) if len(used) else start
+    used = response.any(0).nonzero()
+    last = int(used[-1]) + 1 if len(used) else 1
+    out = batch.empty()
+    for key, value in batch.items():
+        if key in prompt_keys:
+            out[key] = value[:, first:start + last]
+        elif value.ndim == 2 and value.shape[1] == resp_width:
+            out[key] = value[:, :last]
+        else:
+            out[key] = value
+    return out

@@ -213,6 +213,9 @@ class TrainConfig:
     grad_accum_steps: int = key(1, "micro-batches per optimizer step (exact accumulation)")
     packing: bool = key(False, "forwards on sequences packed end to end (no padding; the same log-probs to float "
                         "noise): faster when completion lengths differ")
+    max_tokens_per_micro_batch: int | None = key(None, "micro-batches by token count instead of grad_accum_steps "
+                                                 "equal parts: sequences of similar length, at most this many "
+                                                 "tokens each (packed: their sum; padded: count x longest)")
     mixed_precision: str = key("no", "no | bf16 | fp16: autocast the trainer's forwards (fp32 weights, gradients "
                                "and optimizer state; fp16 adds loss scaling); needs model.dtype=float32")
 

@@ -110,6 +110,12 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(t.grad_accum_steps >= 1 and t.optim_batch_size % t.grad_accum_steps == 0,
              f"train.optim_batch_size={t.optim_batch_size} is not divisible by "
              f"train.grad_accum_steps={t.grad_accum_steps}")
+    if t.max_tokens_per_micro_batch is not None:
+        _require(t.max_tokens_per_micro_batch >= 1,
+                 f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} must be >= 1 (or null)")
+        _require(t.grad_accum_steps == 1, f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} forms "
+                 f"the micro-batches by token count; train.grad_accum_steps={t.grad_accum_steps} would have no "
+                 "effect (leave it at 1)")
     o = cfg.optimizer
     _require(o.name in OPTIMIZERS, f"optimizer.name={o.name!r} is unknown; expected one of {', '.join(OPTIMIZERS)}")
     _require(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")

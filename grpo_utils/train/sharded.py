@@ -81,7 +81,11 @@ class ShardedTrainer(PolicyTrainer):
         t0 = time.perf_counter()
         n = self.group.world_size
         normalizer = BatchNormalizer.from_mask(minibatch["response_mask"])
-        parts = [mb.chunk(n) for mb in minibatch.chunk(self.grad_accum_steps)]
+        if self.max_tokens is None:
+            parts = [mb.chunk(n) for mb in minibatch.chunk(self.grad_accum_steps)]
+        else:  # token-budget groups, n at a time: one for each rank per micro-step
+            groups = self.micro_batches(minibatch, parts=n)
+            parts = [groups[i:i + n] for i in range(0, len(groups), n)]
         self.group.send("step", [None] + [(normalizer, [p[r].cpu() for p in parts]) for r in range(1, n)])
         self._stale = True
         sums = self._step(normalizer, [p[0] for p in parts])

@@ -29,6 +29,7 @@ from tensordict import TensorDict
 
 from grpo_utils.algo.logprobs import add_behaviour_log_probs, batch_log_probs, response_log_probs
 from grpo_utils.algo.losses import BatchNormalizer
+from grpo_utils.algo.packing import token_budget_groups, trim_padding
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 # train.mixed_precision -> the autocast dtype of the policy's forwards (None: no autocast at all).
@@ -102,6 +103,8 @@ class PolicyTrainer:
         self.grad_accum_steps = train_cfg.grad_accum_steps
         # Forwards on packed sequences (grpo_utils.algo.packing): the same values, no padding computed.
         self.packing = bool(train_cfg.get("packing", False))
+        # Micro-batches formed by token count instead of grad_accum_steps equal parts (None: by count).
+        self.max_tokens = train_cfg.get("max_tokens_per_micro_batch", None)
         # Only train_on_batch uses these (unit tests drive optimizer_step with partial configs).
         self.optim_batch_size = train_cfg.get("optim_batch_size")
         self.epochs = train_cfg.get("epochs", 1)
@@ -173,14 +176,27 @@ class PolicyTrainer:
         """Forward/backward over micro-batches, clip, step. Returns averaged metrics."""
         t0 = time.perf_counter()
         normalizer = BatchNormalizer.from_mask(minibatch["response_mask"])
-        sums = self._step(normalizer, minibatch.chunk(self.grad_accum_steps))
+        sums = self._step(normalizer, self.micro_batches(minibatch))
         sums["time/train_s"] = time.perf_counter() - t0
         return sums
+
+    def micro_batches(self, minibatch: TensorDict, parts: int = 1) -> list[TensorDict]:
+        """``minibatch`` split for gradient accumulation: ``grad_accum_steps`` equal parts, or with
+        ``train.max_tokens_per_micro_batch`` groups of sequences of similar length costing at most
+        that many tokens each (packed: their tokens; padded: count x longest). With ``parts`` > 1
+        (trainer ranks) their number is a multiple of ``parts``. Loss denominators are the whole
+        mini-batch's either way, so the accumulated gradient is the same."""
+        if self.max_tokens is None:
+            return list(minibatch.chunk(self.grad_accum_steps))
+        lengths = minibatch["attention_mask"].sum(-1).tolist()
+        groups = token_budget_groups(lengths, self.max_tokens, self.packing, parts)
+        return [trim_padding(minibatch[torch.tensor(group)]) for group in groups]
 
     def _step(self, normalizer: BatchNormalizer, micro_batches) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` whose loss denominators are ``normalizer``'s
         (the whole mini-batch's, wherever its micro-batches are)."""
         self.model.train()
+        micro_batches = list(micro_batches)
         sums: dict[str, float] = {}
         for mb in micro_batches:
             with self.autocast():  # the forward only: log-probs come out fp32, the loss and backward stay outside
@@ -198,7 +214,7 @@ class PolicyTrainer:
             )
             self._backward(out.loss)
             for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / self.grad_accum_steps
+                sums[k] = sums.get(k, 0.0) + float(v) / len(micro_batches)
             sums["loss"] = sums.get("loss", 0.0) + out.loss.item()
         sums = self._combine(sums)
         lr = self.scheduler.get_last_lr()[0]

@@ -13,7 +13,7 @@ from tensordict import TensorDict
 
 from grpo_utils.algo.advantages import group_advantages
 from grpo_utils.algo.logprobs import batch_log_probs, response_log_probs
-from grpo_utils.algo.packing import first_fit_rows, pack, padding_fraction, unpack
+from grpo_utils.algo.packing import first_fit_rows, pack, padding_fraction, token_budget_groups, trim_padding, unpack
 from grpo_utils.models.lora import apply_lora
 from grpo_utils.models.tiny import build_model
 from grpo_utils.rollout.group import response_mask
@@ -160,3 +160,70 @@ def test_packed_optimizer_step_equals_the_padded_one(tok, preset):
     for key in m_pad:
         if not key.startswith("time/"):
             assert m_pack[key] == pytest.approx(m_pad[key], rel=1e-4, abs=1e-6), key
+
+
+# ----------------------------------------------------------------------------- token budgets
+
+
+def test_token_budget_groups_stay_within_the_budget():
+    lengths = [10, 200, 3, 50, 50, 7, 120, 1]
+    for packed in (True, False):
+        for budget in (1, 60, 200, 450):
+            for parts in (1, 2, 4):
+                groups = token_budget_groups(lengths, budget, packed, parts)
+                assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+                assert len(groups) % parts == 0
+                for g in groups:
+                    cost = sum(lengths[i] for i in g) if packed else len(g) * max(lengths[i] for i in g)
+                    assert cost <= budget or len(g) == 1
+    # by value: longest first, each group filled greedily
+    assert token_budget_groups(lengths, 200, packed=True) == [[1], [6, 3], [4, 0, 5, 2, 7]]
+    assert token_budget_groups([5, 5, 5, 5], 10, packed=False) == [[0, 1], [2, 3]]
+    assert token_budget_groups([5, 5, 5, 5], 10, packed=True) == [[0, 1], [2, 3]]
+    assert token_budget_groups([8, 2, 2], 10, packed=True) == [[0, 1], [2]]
+    assert token_budget_groups([8, 2, 2], 10, packed=False) == [[0], [1, 2]]
+    assert token_budget_groups([8, 2, 2, 2], 100, packed=True, parts=2) == [[0, 1], [2, 3]]
+
+
+def test_trim_padding_drops_all_padding_columns_only():
+    ids, attn, start = padded_batch([2, 5, 3], [4, 1, 2])
+    mask = response_mask(ids[:, start:], EOS)
+    batch = TensorDict({"input_ids": ids, "attention_mask": attn, "response_mask": mask,
+                        "old_log_probs": torch.randn(mask.shape), "advantage": torch.ones(3)}, batch_size=[3])
+    short = trim_padding(batch[torch.tensor([0, 2])])  # prompts 2 and 3 tokens, responses 4 and 2
+    assert short["input_ids"].shape == (2, 3 + 4) and short["response_mask"].shape == (2, 4)
+    assert short["old_log_probs"].shape == (2, 4) and short["advantage"].shape == (2,)
+    assert (short["input_ids"] == ids[[0, 2]][:, start - 3:start + 4]).all()
+    assert (short["old_log_probs"] == batch["old_log_probs"][[0, 2], :4]).all()
+    assert trim_padding(batch[torch.tensor([1])])["input_ids"].shape == (1, 5 + 1)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_token_budget_micro_batches_take_the_one_batch_step(tok, packing):
+    """Micro-batches of at most 300 tokens (several of them, of different sizes) accumulate the
+    gradient one micro-batch of the whole mini-batch gives."""
+    results = []
+    for budget in (None, 300):
+        model = build_model(tok, hidden_size=64, num_layers=2, max_positions=512)
+        trainer = PolicyTrainer(model, build("grpo", kl_coef=0.05),
+                                train_cfg(packing=packing, max_tokens_per_micro_batch=budget), temperature=0.9)
+        batch = training_batch(model, 0.9)
+        if budget:
+            groups = trainer.micro_batches(batch)
+            assert len(groups) >= 3 and sum(len(g) for g in groups) == len(batch)
+        grads = {}
+        step = trainer.optimizer.step
+
+        def record_then_step(*args, _step=step, _model=model, _grads=grads, **kwargs):
+            _grads.update({n: p.grad.detach().clone() for n, p in _model.named_parameters()})
+            return _step(*args, **kwargs)
+
+        trainer.optimizer.step = record_then_step
+        metrics = trainer.optimizer_step(batch)
+        results.append((metrics, grads))
+    (m_one, g_one), (m_budget, g_budget) = results
+    scale = max(g.abs().max().item() for g in g_one.values())
+    assert max((g_one[k] - g_budget[k]).abs().max().item() for k in g_one) < 1e-5 * scale
+    assert m_budget["loss"] == pytest.approx(m_one["loss"], rel=1e-5, abs=1e-7)
+    assert m_budget["grad_norm"] == pytest.approx(m_one["grad_norm"], rel=1e-5)
