@@ -135,14 +135,16 @@ class ShardedTrainer(PolicyTrainer):
     def _backward(self, loss: torch.Tensor) -> None:
         super()._backward(loss * self.group.world_size)
 
-    def _combine(self, sums: dict[str, float]) -> dict[str, float]:
-        """The loss summed over ranks (each rank's part is already divided by the whole
-        mini-batch's counts); the other metrics averaged over ranks."""
-        keys = sorted(sums)
-        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.group.device)
-        dist.all_reduce(values)
-        n = self.group.world_size
-        return {k: v if k == "loss" else v / n for k, v in zip(keys, values.tolist(), strict=True)}
+    @property
+    def _parts(self) -> int:
+        return self.group.world_size
+
+    def _combine(self, table: torch.Tensor) -> torch.Tensor:
+        """Each micro-batch's loss and metric sums added up over the ranks (one all-reduce), so
+        rank 0 logs the metrics of whole micro-batches, as one rank would."""
+        table = table.to(self.group.device)
+        dist.all_reduce(table)
+        return table
 
     @torch.no_grad()
     def _load_weights(self) -> None:

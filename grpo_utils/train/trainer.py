@@ -28,7 +28,7 @@ import torch
 from tensordict import TensorDict
 
 from grpo_utils.algo.logprobs import add_behaviour_log_probs, batch_log_probs, response_log_probs
-from grpo_utils.algo.losses import BatchNormalizer
+from grpo_utils.algo.losses import TOKENS, BatchNormalizer, LossOutput, metrics_from_sums
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 # train.mixed_precision -> the autocast dtype of the policy's forwards (None: no autocast at all).
@@ -89,6 +89,31 @@ def _item(value: torch.Tensor) -> float:
     """A scalar tensor's value; a sharded (DTensor) one is gathered first."""
     full = getattr(value, "full_tensor", None)
     return (full() if full is not None else value).item()
+
+
+def _additive(out: LossOutput) -> dict[str, torch.Tensor]:
+    """What of a micro-batch's loss output adds up over its parts: the loss (each part's is
+    divided by the whole mini-batch's counts), the metrics' sums, and as ``avg:<name>`` each
+    metric that has no sums (a custom loss's)."""
+    values = {"loss": out.loss, **out.sums}
+    derived = metrics_from_sums(out.sums) if out.sums else {}
+    values.update({f"avg:{k}": torch.as_tensor(v) for k, v in out.metrics.items() if k not in derived})
+    return values
+
+
+def _step_metrics(keys: list[str], table: torch.Tensor, parts: int) -> dict[str, float]:
+    """A step's metrics from its micro-batches' :func:`_additive` values (``table``, summed over
+    the ``parts`` processes that computed them): the loss summed over micro-batches, each other
+    metric computed per micro-batch from its sums and averaged over the micro-batches. The
+    same mini-batch thus logs the same metrics on any number of ranks."""
+    metrics = {"loss": table[:, keys.index("loss")].sum().item()}
+    for row in table:
+        values = dict(zip(keys, row, strict=True))
+        micro = metrics_from_sums(values) if TOKENS in values else {}
+        micro.update({k[4:]: v / parts for k, v in values.items() if k.startswith("avg:")})
+        for k, v in micro.items():
+            metrics[k] = metrics.get(k, 0.0) + v.item() / len(table)
+    return metrics
 
 
 class PolicyTrainer:
@@ -178,7 +203,7 @@ class PolicyTrainer:
         """One optimizer step over ``micro_batches`` whose loss denominators are ``normalizer``'s
         (the whole mini-batch's, wherever its micro-batches are)."""
         self.model.train()
-        sums: dict[str, float] = {}
+        rows = []  # per micro-batch: its loss and the additive statistics of its metrics
         for mb in micro_batches:
             with self.autocast():  # the forward only: log-probs come out fp32, the loss and backward stay outside
                 log_probs, entropy = self._log_probs(self.model, mb, with_entropy=True)
@@ -194,10 +219,10 @@ class PolicyTrainer:
                 normalizer=normalizer,
             )
             self._backward(out.loss)
-            for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / self.grad_accum_steps
-            sums["loss"] = sums.get("loss", 0.0) + out.loss.item()
-        sums = self._combine(sums)
+            rows.append(_additive(out))
+        keys = sorted(rows[0])
+        table = torch.stack([torch.stack([row[k].detach().double() for k in keys]) for row in rows])
+        sums = _step_metrics(keys, self._combine(table).cpu(), self._parts)
         lr = self.scheduler.get_last_lr()[0]
         sums.update(self._clip_and_step())
         if self.scaler is None:
@@ -212,9 +237,13 @@ class PolicyTrainer:
         sums["lr"] = lr
         return sums
 
-    def _combine(self, sums: dict[str, float]) -> dict[str, float]:
-        """The step's metrics over every process that computed part of it (here: one)."""
-        return sums
+    #: How many processes compute a part of each micro-batch (:meth:`_combine` sums over them).
+    _parts = 1
+
+    def _combine(self, table: torch.Tensor) -> torch.Tensor:
+        """``table`` (micro-batches x :func:`_additive` values) summed over every process that
+        computed a part of each micro-batch (here: one)."""
+        return table
 
     def publish(self) -> None:
         """Make :attr:`policy` (the model the loop generates with, evaluates and saves) hold the
