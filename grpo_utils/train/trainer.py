@@ -96,8 +96,9 @@ def _additive(out: LossOutput) -> dict[str, torch.Tensor]:
     divided by the whole mini-batch's counts), the metrics' sums, and as ``avg:<name>`` each
     metric that has no sums (a custom loss's)."""
     values = {"loss": out.loss, **out.sums}
-    derived = metrics_from_sums(out.sums) if out.sums else {}
-    values.update({f"avg:{k}": torch.as_tensor(v) for k, v in out.metrics.items() if k not in derived})
+    derived = {key.partition(":")[2] for key in out.sums}  # the metric each sum belongs to
+    values.update({f"avg:{k}": torch.as_tensor(v, device=out.loss.device)
+                   for k, v in out.metrics.items() if k not in derived})
     return values
 
 

@@ -25,7 +25,19 @@ from grpo_utils.distributed.resources import ResourcePlan, start_ray
 plan = ResourcePlan(cluster_cpus=2, cluster_gpus=0, collector_cpus=1, collector_gpus=0, num_collectors=1,
                     trainer_cpus=1, trainer_gpus=0)
 start_ray(plan)
+import ray
 from ray._private import worker
+
+@ray.remote(num_cpus=1)
+class Actor:  # stands in for a collector: an actor's worker process, with a child of its own
+    def start_child(self):
+        import subprocess
+        self.child = subprocess.Popen(["sleep", "600"])
+        return self.child.pid
+
+actor = Actor.remote()
+ray.get(actor.start_child.remote())
+time.sleep(4)  # the watchdog records the cluster's processes every 2 s: it has seen the child now
 print(worker._global_node.get_session_dir_path(), flush=True)
 if sys.argv[1] == "shutdown":
     sys.stdin.readline()  # the test has recorded the cluster's processes
@@ -48,7 +60,7 @@ def start_driver(how: str) -> tuple[subprocess.Popen, Path, list]:
     assert session.name.startswith("session_"), session
     tree = psutil.Process(proc.pid).children(recursive=True)
     # Ray's agents rename themselves: nothing in their command line names the session.
-    assert AGENTS <= {p.name() for p in tree}, [p.name() for p in tree]
+    assert AGENTS | {"ray::Actor", "sleep"} <= {p.name() for p in tree}, [p.name() for p in tree]
     return proc, session, tree
 
 
