@@ -32,24 +32,10 @@ TREE_S = 2.0  # how often the session's process tree is recorded (a scan of ever
 GRACE_S = 3.0  # how long the session's processes get to exit on their own once the driver is gone
 
 
-def session_processes(session_dir: str | Path) -> list:
-    """Live processes whose command line names the session (its raylet, GCS, dashboard, monitors)."""
-    import psutil
-
-    name = Path(session_dir).name
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if proc.pid != os.getpid() and any(name in part for part in proc.info["cmdline"] or ()):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
 def session_tree(session_dir: str | Path) -> list:
-    """The session's processes: those naming it (:func:`session_processes`) and all their
-    descendants (the agents and workers, which do not name it), this process excepted."""
+    """The session's processes: those whose command line names it (its raylet, GCS, dashboard,
+    monitors) and all their descendants (the agents and workers, which do not name it), this
+    process excepted."""
     import psutil
 
     children: dict[int, list] = {}

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-from grpo_utils.distributed.watchdog import session_processes  # noqa: E402
+from grpo_utils.distributed.watchdog import session_tree  # noqa: E402
 from tests.helpers import REPO  # noqa: E402
 
 DRIVER = """
@@ -80,7 +80,7 @@ def test_kill_9_of_the_driver_leaves_no_ray_process_and_no_session_dir():
     proc.wait()
     left = wait_until_gone(tree, timeout_s=10)
     assert not left
-    assert not session_processes(session)
+    assert not session_tree(session)
     deadline = time.monotonic() + 5
     while session.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
