@@ -11,7 +11,9 @@ Exactness: rank 0 splits each micro-batch of a mini-batch into one contiguous pa
 sends the whole mini-batch's loss denominators (token and sequence counts) with them; gradients
 are summed over ranks (FSDP averages them, so each rank's loss is scaled by N first: exact for
 N a power of two, and gloo has no pre-scaled sum to avoid the scaling), so N ranks take
-the optimizer step one rank takes on the same mini-batch (tested to 1e-6 in fp32).
+the optimizer step one rank takes on the same mini-batch (tested to 1e-6 in fp32). The logged
+metrics are one rank's too: the ranks add up each micro-batch's metric sums (token sums and
+counts, see ``LossOutput.sums``) and rank 0 computes the metrics of the whole micro-batch.
 
 Checkpoints hold the full optimizer state in the one-device format (parameters numbered in
 optimizer order), gathered to rank 0, so a run saved on N ranks resumes on M (1 included) and a
