@@ -323,7 +323,7 @@ def _failure_line(reason: str, writing: Path, run_dir: str | Path) -> str:
     where = os.path.abspath(writing)
     if reason in _DISK_REASONS:
         mount, free = _mount(Path(writing))
-        where += f" (mount {mount}, {'unknown' if free is None else free} MiB free)"
+        where += f" (mount {mount}, {'free space unknown' if free is None else f'{free} MiB free'})"
     return f"{reason} while writing {where}; {intact}"
 
 
