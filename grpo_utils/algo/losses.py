@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,19 +63,46 @@ def _check_mask(mask: torch.Tensor) -> None:
         )
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Detached mean over unmasked entries; 0 (not NaN) when nothing is unmasked."""
-    values = values.detach()
-    total = torch.where(mask, values, 0.0).sum()
-    return total / mask.sum().clamp(min=1)
-
-
 @dataclass
 class LossOutput:
-    """Differentiable scalar loss plus detached, micro-batch-local scalar metrics."""
+    """Differentiable scalar loss plus detached, micro-batch-local scalar metrics.
+
+    ``sums``: the additive statistics the metrics are computed from (:func:`metrics_from_sums`).
+    Summed over the parts of a micro-batch (its shares on several ranks) they give the metrics of
+    the whole micro-batch, which averaging the parts' metrics would not (a token mean weighs
+    each part by its own token count). Metrics without sums are averaged over parts.
+    """
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# Keys of LossOutput.sums: the masked token count, and per metric "mean:<name>" (the sum of its
+# per-token values) or "ess_w:<name>" and "ess_w2:<name>" (sums of the weights and their squares).
+TOKENS = "tokens"
+
+
+def _token_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Detached sum over unmasked entries."""
+    return torch.where(mask, values.detach(), 0.0).sum()
+
+
+def metrics_from_sums(sums: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The metrics of a (micro-)batch from its ``LossOutput.sums``: token means are
+    ``sum / tokens`` (0 when there is no token), a normalized effective sample size is
+    ``(sum w)^2 / (tokens * sum w^2)`` in ``[0, 1]`` (0 when there is no token or weight)."""
+    n = sums[TOKENS]
+    metrics: dict[str, torch.Tensor] = {}
+    for key, value in sums.items():
+        kind, _, name = key.partition(":")
+        if kind == "mean":
+            metrics[name] = value / n.clamp(min=1)
+        elif kind == "ess_w":
+            sum_sq = sums[f"ess_w2:{name}"]
+            ess = value.square() / (n * sum_sq).clamp(min=torch.finfo(sum_sq.dtype).tiny)
+            metrics[name] = torch.where((n > 0) & (sum_sq > 0), ess, torch.zeros_like(ess))
+    return metrics
 
 
 @dataclass(frozen=True)
@@ -138,14 +165,11 @@ def aggregate(
     return masked.sum() / (constant * num_sequences)
 
 
-def _ess(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Normalized effective sample size ``(sum w)^2 / (n * sum w^2)`` in ``[0, 1]`` over unmasked
-    entries (1 when all weights are equal); 0 when nothing is unmasked."""
+def _ess_sums(name: str, weights: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sums a normalized effective sample size ``(sum w)^2 / (n * sum w^2)`` over unmasked
+    entries is computed from (1 when all weights are equal)."""
     w = torch.where(mask, weights.detach(), 0.0)
-    n = mask.sum()
-    sum_sq = w.square().sum()
-    ess = w.sum().square() / (n * sum_sq).clamp(min=torch.finfo(w.dtype).tiny)
-    return torch.where((n > 0) & (sum_sq > 0), ess, torch.zeros_like(ess))
+    return {f"ess_w:{name}": w.sum(), f"ess_w2:{name}": w.square().sum()}
 
 
 def kl_penalty(
@@ -405,33 +429,33 @@ class PolicyLoss(torch.nn.Module):
         term = self.surrogate(safe_log_probs, log_ratio, advantages, mask)
         per_token = term.per_token
 
-        metrics: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {TOKENS: mask.sum().to(log_ratio.dtype)}
         if rollout_log_probs is not None:
             safe_rollout = torch.where(mask, rollout_log_probs.detach(), 0.0)
             mismatch = safe_old - safe_rollout  # log(pi_old / pi_rollout) at the sampled tokens
             # k3 with samples from the rollout policy: an estimate of KL(rollout || old).
-            metrics["mismatch_kl"] = _masked_mean(kl_penalty(safe_rollout, safe_old, "k3"), mask)
-            metrics["mismatch_ess"] = _ess(mismatch.exp(), mask)
+            sums["mean:mismatch_kl"] = _token_sum(kl_penalty(safe_rollout, safe_old, "k3"), mask)
+            sums.update(_ess_sums("mismatch_ess", mismatch.exp(), mask))
             if self.is_correction != "none":
                 weights, corrected = self.is_weights(mismatch, mask)
                 per_token = per_token * weights
-                metrics["is_weight/mean"] = _masked_mean(weights, mask)
-                metrics["is_weight/corrected_fraction"] = _masked_mean(
+                sums["mean:is_weight/mean"] = _token_sum(weights, mask)
+                sums["mean:is_weight/corrected_fraction"] = _token_sum(
                     corrected.to(log_ratio.dtype), mask
                 )
 
         detached_log_ratio = log_ratio.detach()
-        frac_low = _masked_mean(term.clip_low.to(log_ratio.dtype), mask)
-        frac_high = _masked_mean(term.clip_high.to(log_ratio.dtype), mask)
-        metrics.update({
-            "loss/policy": _masked_mean(per_token, mask),
-            "clip_fraction": frac_low + frac_high,
-            "clip_fraction/low": frac_low,
-            "clip_fraction/high": frac_high,
-            "ratio/mean": _masked_mean(detached_log_ratio.exp(), mask),
-            "ess": _ess(term.ratio, mask),
+        clip_low = _token_sum(term.clip_low.to(log_ratio.dtype), mask)
+        clip_high = _token_sum(term.clip_high.to(log_ratio.dtype), mask)
+        sums.update({
+            "mean:loss/policy": _token_sum(per_token, mask),
+            "mean:clip_fraction": clip_low + clip_high,
+            "mean:clip_fraction/low": clip_low,
+            "mean:clip_fraction/high": clip_high,
+            "mean:ratio/mean": _token_sum(detached_log_ratio.exp(), mask),
+            **_ess_sums("ess", term.ratio, mask),
             # k3 of the current policy against the behaviour policy that sampled the data.
-            "approx_kl_behaviour": _masked_mean(
+            "mean:approx_kl_behaviour": _token_sum(
                 kl_penalty(detached_log_ratio, torch.zeros_like(detached_log_ratio), "k3"), mask
             ),
         })
@@ -440,19 +464,19 @@ class PolicyLoss(torch.nn.Module):
             # Junk reference values may make `kl` non-finite on padding; the `where` on log_probs
             # stops any resulting NaN gradient from reaching them, and aggregation masks the value.
             kl = kl_penalty(safe_log_probs, ref_log_probs.detach(), self.kl_estimator)
-            metrics["kl_ref"] = _masked_mean(kl, mask)
+            sums["mean:kl_ref"] = _token_sum(kl, mask)
             if self.kl_coef > 0 and self.kl_in == "loss":
                 per_token = per_token + self.kl_coef * kl
         if self.behaviour_kl_coef > 0:
             behaviour_kl = kl_penalty(safe_log_probs, safe_old, self.kl_estimator)
             per_token = per_token + self.behaviour_kl_coef * behaviour_kl
         if entropy is not None:
-            metrics["entropy"] = _masked_mean(entropy, mask)
+            sums["mean:entropy"] = _token_sum(entropy, mask)
             if self.entropy_coef > 0:
                 per_token = per_token - self.entropy_coef * entropy
 
         loss = aggregate(per_token, mask, self.aggregation, normalizer, self.constant_normalizer)
-        return LossOutput(loss=loss, metrics=metrics)
+        return LossOutput(loss=loss, metrics=metrics_from_sums(sums), sums=sums)
 
     def _check_inputs(
         self,

@@ -362,13 +362,15 @@ def shutdown_ray(actors: list) -> None:
             ray.kill(actor, no_restart=True)
         except Exception:  # already dead or never started
             pass
-    ray.shutdown()
     global _WATCH
-    if _WATCH is not None:
-        from grpo_utils.distributed import watchdog
+    from grpo_utils.distributed import watchdog
 
+    # The local cluster's processes, agents included: whatever ray.shutdown() leaves is killed.
+    known = watchdog.session_tree(_WATCH[1]) if _WATCH is not None else []
+    ray.shutdown()
+    if _WATCH is not None:
         watch, _WATCH = _WATCH, None
-        watchdog.stop(*watch)
+        watchdog.stop(*watch, known=known)
 
 
 #: (watchdog process, session dir) of the local cluster this process started, if any.

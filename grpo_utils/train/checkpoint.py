@@ -259,6 +259,9 @@ def _strerror(code: int) -> str:
     return text[:1].lower() + text[1:]
 
 
+_DISK_REASONS = {_strerror(code) for code in _DISK_ERRNOS}  # lines that name the mount and its free space
+
+
 def _write_failure(error: BaseException, where: Path, any_errno: bool = True) -> str | None:
     """Why a write under ``where`` failed, in words ("no space left on device"), when the disk or
     the file system is to blame: the errno of an ``OSError`` (only a disk's errno unless
@@ -297,10 +300,31 @@ def _shown(path: Path, run_dir: str | Path | None) -> str:
     return str(path)
 
 
+def _mount(path: Path) -> tuple[Path, int | None]:
+    """The mount point holding ``path`` (or where it would be created) and its free MiB (None when
+    it cannot be told)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    try:
+        return path, shutil.disk_usage(path).free >> 20
+    except OSError:
+        return path, None
+
+
 def _failure_line(reason: str, writing: Path, run_dir: str | Path) -> str:
+    """``<reason> while writing <absolute path>[ (mount <mount point>, <N> MiB free)]; <what is
+    intact>``: the mount and its free space when the disk is to blame, so the line says which
+    file system to make room on."""
     latest = latest_checkpoint(run_dir)
     intact = f"{_shown(latest, run_dir)} is intact" if latest is not None else "no checkpoint was written before it"
-    return f"{reason} while writing {_shown(writing, run_dir)}; {intact}"
+    where = os.path.abspath(writing)
+    if reason in _DISK_REASONS:
+        mount, free = _mount(Path(writing))
+        where += f" (mount {mount}, {'free space unknown' if free is None else f'{free} MiB free'})"
+    return f"{reason} while writing {where}; {intact}"
 
 
 def write_error(error: BaseException, run_dir: str | Path, writing: str | Path | None = None) -> CheckpointError | None:

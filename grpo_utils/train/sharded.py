@@ -11,7 +11,9 @@ Exactness: rank 0 splits each micro-batch of a mini-batch into one contiguous pa
 sends the whole mini-batch's loss denominators (token and sequence counts) with them; gradients
 are summed over ranks (FSDP averages them, so each rank's loss is scaled by N first: exact for
 N a power of two, and gloo has no pre-scaled sum to avoid the scaling), so N ranks take
-the optimizer step one rank takes on the same mini-batch (tested to 1e-6 in fp32).
+the optimizer step one rank takes on the same mini-batch (tested to 1e-6 in fp32). The logged
+metrics are one rank's too: the ranks add up each micro-batch's metric sums (token sums and
+counts, see ``LossOutput.sums``) and rank 0 computes the metrics of the whole micro-batch.
 
 Checkpoints hold the full optimizer state in the one-device format (parameters numbered in
 optimizer order), gathered to rank 0, so a run saved on N ranks resumes on M (1 included) and a
@@ -139,14 +141,16 @@ class ShardedTrainer(PolicyTrainer):
     def _backward(self, loss: torch.Tensor) -> None:
         super()._backward(loss * self.group.world_size)
 
-    def _combine(self, sums: dict[str, float]) -> dict[str, float]:
-        """The loss summed over ranks (each rank's part is already divided by the whole
-        mini-batch's counts); the other metrics averaged over ranks."""
-        keys = sorted(sums)
-        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.group.device)
-        dist.all_reduce(values)
-        n = self.group.world_size
-        return {k: v if k == "loss" else v / n for k, v in zip(keys, values.tolist(), strict=True)}
+    @property
+    def _parts(self) -> int:
+        return self.group.world_size
+
+    def _combine(self, table: torch.Tensor) -> torch.Tensor:
+        """Each micro-batch's loss and metric sums added up over the ranks (one all-reduce), so
+        rank 0 logs the metrics of whole micro-batches, as one rank would."""
+        table = table.to(self.group.device)
+        dist.all_reduce(table)
+        return table
 
     @torch.no_grad()
     def _load_weights(self) -> None:

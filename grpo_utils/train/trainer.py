@@ -28,7 +28,7 @@ import torch
 from tensordict import TensorDict
 
 from grpo_utils.algo.logprobs import add_behaviour_log_probs, batch_log_probs, response_log_probs
-from grpo_utils.algo.losses import BatchNormalizer
+from grpo_utils.algo.losses import TOKENS, BatchNormalizer, LossOutput, metrics_from_sums
 from grpo_utils.algo.packing import token_budget_groups, trim_padding
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
@@ -90,6 +90,32 @@ def _item(value: torch.Tensor) -> float:
     """A scalar tensor's value; a sharded (DTensor) one is gathered first."""
     full = getattr(value, "full_tensor", None)
     return (full() if full is not None else value).item()
+
+
+def _additive(out: LossOutput) -> dict[str, torch.Tensor]:
+    """What of a micro-batch's loss output adds up over its parts: the loss (each part's is
+    divided by the whole mini-batch's counts), the metrics' sums, and as ``avg:<name>`` each
+    metric that has no sums (a custom loss's)."""
+    values = {"loss": out.loss, **out.sums}
+    derived = {key.partition(":")[2] for key in out.sums}  # the metric each sum belongs to
+    values.update({f"avg:{k}": torch.as_tensor(v, device=out.loss.device)
+                   for k, v in out.metrics.items() if k not in derived})
+    return values
+
+
+def _step_metrics(keys: list[str], table: torch.Tensor, parts: int) -> dict[str, float]:
+    """A step's metrics from its micro-batches' :func:`_additive` values (``table``, summed over
+    the ``parts`` processes that computed them): the loss summed over micro-batches, every other
+    metric computed from the sums of the whole mini-batch (a token mean over all its tokens), so
+    the same mini-batch logs the same metrics however it is split: into micro-batches by count or
+    by token budget, and over any number of ranks. A metric without sums (a custom loss's) is
+    averaged over micro-batches and parts."""
+    total = dict(zip(keys, table.sum(0), strict=True))
+    metrics = {"loss": total["loss"].item()}
+    if TOKENS in total:
+        metrics.update({k: v.item() for k, v in metrics_from_sums(total).items()})
+    metrics.update({k[4:]: v.item() / (parts * len(table)) for k, v in total.items() if k.startswith("avg:")})
+    return metrics
 
 
 class PolicyTrainer:
@@ -196,8 +222,7 @@ class PolicyTrainer:
         """One optimizer step over ``micro_batches`` whose loss denominators are ``normalizer``'s
         (the whole mini-batch's, wherever its micro-batches are)."""
         self.model.train()
-        micro_batches = list(micro_batches)
-        sums: dict[str, float] = {}
+        rows = []  # per micro-batch: its loss and the additive statistics of its metrics
         for mb in micro_batches:
             with self.autocast():  # the forward only: log-probs come out fp32, the loss and backward stay outside
                 log_probs, entropy = self._log_probs(self.model, mb, with_entropy=True)
@@ -213,10 +238,10 @@ class PolicyTrainer:
                 normalizer=normalizer,
             )
             self._backward(out.loss)
-            for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / len(micro_batches)
-            sums["loss"] = sums.get("loss", 0.0) + out.loss.item()
-        sums = self._combine(sums)
+            rows.append(_additive(out))
+        keys = sorted(rows[0])
+        table = torch.stack([torch.stack([row[k].detach().double() for k in keys]) for row in rows])
+        sums = _step_metrics(keys, self._combine(table).cpu(), self._parts)
         lr = self.scheduler.get_last_lr()[0]
         sums.update(self._clip_and_step())
         if self.scaler is None:
@@ -231,9 +256,13 @@ class PolicyTrainer:
         sums["lr"] = lr
         return sums
 
-    def _combine(self, sums: dict[str, float]) -> dict[str, float]:
-        """The step's metrics over every process that computed part of it (here: one)."""
-        return sums
+    #: How many processes compute a part of each micro-batch (:meth:`_combine` sums over them).
+    _parts = 1
+
+    def _combine(self, table: torch.Tensor) -> torch.Tensor:
+        """``table`` (micro-batches x :func:`_additive` values) summed over every process that
+        computed a part of each micro-batch (here: one)."""
+        return table
 
     def publish(self) -> None:
         """Make :attr:`policy` (the model the loop generates with, evaluates and saves) hold the

@@ -26,6 +26,7 @@ from grpo_utils.algo.losses import (
     build_loss,
     kl_penalty,
     kl_reward_penalty,
+    metrics_from_sums,
 )
 from grpo_utils.algo.shaping import RolloutShaping
 from tests.helpers import CONFIG
@@ -427,6 +428,25 @@ def test_metrics_are_detached_token_means() -> None:
         metric = out.metrics[name]
         assert metric.dim() == 0 and not metric.requires_grad, name
         assert metric.item() == pytest.approx(value, abs=1e-12), name
+
+
+@pytest.mark.parametrize("loss_fn", [ClippedSurrogateLoss(is_correction="truncate", is_cap=IS_CAP),
+                                     GSPOLoss(is_correction="mask", is_mask_threshold=IS_THRESHOLD)],
+                         ids=["clip", "gspo"])
+def test_the_sums_of_parts_give_the_whole_batch_metrics(loss_fn) -> None:
+    """What trainer ranks do with a micro-batch split among them: the parts' ``sums`` added up give
+    every metric of the whole (ragged) batch, where averaging the parts' metrics would not."""
+    batch = make_batch(GSPO_LOG_RATIOS) if isinstance(loss_fn, GSPOLoss) else make_batch()
+    whole = run(loss_fn, batch, rollout=True)
+    parts = [run(loss_fn, batch, slice(a, b), rollout=True) for a, b in ((0, 2), (2, 5), (5, 9))]
+    added = {k: sum(p.sums[k] for p in parts) for k in whole.sums}
+    combined = metrics_from_sums(added)
+    assert combined.keys() == whole.metrics.keys() >= {"loss/policy", "entropy", "kl_ref", "ess", "mismatch_ess",
+                                                      "is_weight/mean", "clip_fraction"}
+    for key, value in whole.metrics.items():
+        assert combined[key].item() == pytest.approx(value.item(), abs=1e-12), key
+    averaged = {k: sum(p.metrics[k] for p in parts) / len(parts) for k in whole.metrics}
+    assert any(abs(averaged[k] - whole.metrics[k]) > 1e-3 for k in ("entropy", "loss/policy"))
 
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)

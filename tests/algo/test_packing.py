@@ -202,7 +202,7 @@ def test_trim_padding_drops_all_padding_columns_only():
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_token_budget_micro_batches_take_the_one_batch_step(tok, packing):
     """Micro-batches of at most 300 tokens (several of them, of different sizes) accumulate the
-    gradient one micro-batch of the whole mini-batch gives."""
+    gradient one micro-batch of the whole mini-batch gives, and log the same metrics."""
     results = []
     for budget in (None, 300):
         model = build_model(tok, hidden_size=64, num_layers=2, max_positions=512)
@@ -225,5 +225,8 @@ def test_token_budget_micro_batches_take_the_one_batch_step(tok, packing):
     (m_one, g_one), (m_budget, g_budget) = results
     scale = max(g.abs().max().item() for g in g_one.values())
     assert max((g_one[k] - g_budget[k]).abs().max().item() for k in g_one) < 1e-5 * scale
-    assert m_budget["loss"] == pytest.approx(m_one["loss"], rel=1e-5, abs=1e-7)
-    assert m_budget["grad_norm"] == pytest.approx(m_one["grad_norm"], rel=1e-5)
+    # every logged metric is the mini-batch's, however it was split
+    assert m_budget.keys() == m_one.keys()
+    for key in m_one:
+        if not key.startswith("time/"):
+            assert m_budget[key] == pytest.approx(m_one[key], rel=1e-5, abs=1e-7), key

@@ -29,9 +29,11 @@ def ragged_batch(n: int = 8, prompt: int = 5, response: int = 6) -> TensorDict:
     ids = torch.randint(3, 200, (n, prompt + response), generator=g)
     lengths = torch.randint(1, response + 1, (n,), generator=g)
     mask = torch.arange(response)[None, :] < lengths[:, None]
+    old = -3 - torch.rand(n, response, generator=g)
     return TensorDict({"input_ids": ids, "attention_mask": torch.ones_like(ids),
                        "response_mask": mask, "advantage": torch.randn(n, generator=g),
-                       "old_log_probs": -3 - torch.rand(n, response, generator=g)}, batch_size=[n])
+                       "old_log_probs": old, "rollout_log_probs": old + 0.5 * torch.randn(n, response, generator=g)},
+                      batch_size=[n])
 
 
 def main() -> None:
@@ -64,7 +66,8 @@ def main() -> None:
                                 "max_grad_norm": 1.0, "warmup_steps": 1, "max_steps": 10, "min_lr_ratio": 0.1,
                                 "grad_accum_steps": int(accum), "optim_batch_size": 8, "epochs": 1,
                                 "fsdp_param_dtype": a.param_dtype})
-        loss = ClippedSurrogateLoss(aggregation=aggregation)
+        # a truncated IS correction: the metrics of the rollout mismatch and its weights are logged too
+        loss = ClippedSurrogateLoss(aggregation=aggregation, is_correction="truncate", is_cap=1.5)
         if group is None:
             trainer = PolicyTrainer(model, loss, cfg, temperature=0.9)
         else:

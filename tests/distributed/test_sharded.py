@@ -71,6 +71,14 @@ def test_two_ranks_take_the_one_rank_step(model_dir, two_steps, case):
         assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-7)
         assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-5)
         assert m2["lr"] == m1["lr"]
+        # every metric the trainer logs (token means, clip fractions, effective sample sizes, the IS
+        # weights') is that of the whole mini-batch, not an average of the ranks' parts
+        assert m2.keys() == m1.keys() >= {"loss/policy", "entropy", "clip_fraction", "ratio/mean", "ess",
+                                          "approx_kl_behaviour", "mismatch_kl", "is_weight/mean"}
+        for key in m1.keys() - {"time/train_s"}:
+            assert m2[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-7), key
+    # the parts differ (a ragged batch, ratios moved by the first step), so averaging them would not do
+    assert 0 < one["metrics"][1]["clip_fraction"] < 1 and one["metrics"][1]["is_weight/corrected_fraction"] > 0
     # the gathered optimizer state is numbered as the one-device trainer numbers it
     s1, s2 = one["trainer"]["optimizer"], two["trainer"]["optimizer"]
     assert s1["param_groups"][0]["params"] == s2["param_groups"][0]["params"]

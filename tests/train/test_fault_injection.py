@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -291,7 +292,11 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_earlier_one(tmp_pa
         monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 41, 1 << 41, free))
     with pytest.raises(CheckpointError) as ei:
         ckpt.save_checkpoint(tmp_path, 4, model, None, {"step": 4})
-    assert str(ei.value) == f"{reason} while writing checkpoints/step_4; checkpoints/step_2 is intact"
+    # the disk's failures name the file system to make room on (the free space of a shared disk varies)
+    where = rf" \(mount {re.escape(str(ckpt._mount(tmp_path)[0]))}, {free >> 20 if free is not None else '[0-9]+'} MiB free\)"
+    where = where if reason in ("no space left on device", "disk quota exceeded", "input/output error") else ""
+    assert re.fullmatch(f"{re.escape(f'{reason} while writing {tmp_path}/checkpoints/step_4')}{where}; "
+                        "checkpoints/step_2 is intact", str(ei.value)), str(ei.value)
     assert ei.value.one_line() == f"error: {ei.value}"
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2"]  # no .tmp_step_4
@@ -304,13 +309,15 @@ def test_other_write_failures(tmp_path, monkeypatch):
 
     model = _Model()
     monkeypatch.setattr(torch, "save", _raiser(OSError(errno.ENOSPC, "No space left on device")))
-    with pytest.raises(CheckpointError, match=r"^no space left on device while writing checkpoints/step_1; "
+    with pytest.raises(CheckpointError, match=rf"^no space left on device while writing {re.escape(str(tmp_path))}/checkpoints/step_1 "
+                                              rf"\(mount {re.escape(str(ckpt._mount(tmp_path)[0]))}, \d+ MiB free\); "
                                               r"no checkpoint was written before it$"):
         ckpt.save_checkpoint(tmp_path, 1, model, None, {"step": 1})
     monkeypatch.undo()
     step = ckpt.save_checkpoint(tmp_path, 1, model, None, {"step": 1})
     monkeypatch.setattr(shutil, "copy2", _raiser(OSError(errno.ENOSPC, "No space left on device")))
-    with pytest.raises(CheckpointError, match=r"^no space left on device while writing final_model; "
+    with pytest.raises(CheckpointError, match=rf"^no space left on device while writing {re.escape(str(tmp_path))}/final_model "
+                                              r"\(mount /\S*, \d+ MiB free\); "
                                               r"checkpoints/step_1 is intact$"):
         ckpt.save_final_model(tmp_path, model, None, checkpoint=step)
     monkeypatch.undo()
@@ -323,9 +330,10 @@ def test_other_write_failures(tmp_path, monkeypatch):
     # Errors met elsewhere: mapped when they name a file of the run, or carry a disk's errno.
     mapped = ckpt.write_error(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl")),
                               tmp_path)
-    assert str(mapped) == "no space left on device while writing metrics.jsonl; checkpoints/step_1 is intact"
+    assert str(mapped).startswith(f"no space left on device while writing {tmp_path}/metrics.jsonl (mount ")
+    assert str(mapped).endswith(" MiB free); checkpoints/step_1 is intact")
     assert ckpt.write_error(OSError(errno.EACCES, "Permission denied", str(tmp_path / "summary.json")),
-                            tmp_path).args[0].startswith("permission denied while writing summary.json")
+                            tmp_path).args[0].startswith(f"permission denied while writing {tmp_path}/summary.json; ")
     assert ckpt.write_error(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), tmp_path) is None
     assert ckpt.write_error(ValueError("bad value"), tmp_path) is None
     assert ckpt.write_error(KeyboardInterrupt(), tmp_path) is None
@@ -347,8 +355,9 @@ def test_a_full_disk_while_checkpointing_stops_in_one_line_and_resumes_exactly(b
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(SystemExit) as excinfo:
         run_loop(tiny_dir, run_dir)
-    assert one_line_exit(excinfo) == ("error: no space left on device while writing checkpoints/step_4; "
-                                      "checkpoints/step_2 is intact")
+    assert re.fullmatch(re.escape(f"error: no space left on device while writing {run_dir}/checkpoints/step_4 "
+                                  f"(mount {ckpt._mount(run_dir)[0]}, ") + "[0-9]+ MiB free\\); checkpoints/step_2 is intact",
+                        one_line_exit(excinfo))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2"]
     assert ckpt.verify_checkpoint(run_dir / "checkpoints" / "step_2") is None
     assert leftovers(run_dir) == []
@@ -377,8 +386,9 @@ def test_a_full_disk_while_logging_cuts_the_line_and_resumes_exactly(base, tiny_
     with pytest.raises(SystemExit) as excinfo:
         run_loop(tiny_dir, run_dir)
     monkeypatch.setattr(os, "write", real_write)
-    assert one_line_exit(excinfo) == ("error: no space left on device while writing metrics.jsonl; "
-                                      "checkpoints/step_4 is intact")
+    assert re.fullmatch(re.escape(f"error: no space left on device while writing {run_dir}/metrics.jsonl "
+                                  f"(mount {ckpt._mount(run_dir)[0]}, ") + "[0-9]+ MiB free\\); checkpoints/step_4 is intact",
+                        one_line_exit(excinfo))
     text = (run_dir / "metrics.jsonl").read_text()
     assert text.endswith("\n") and [r["step"] for r in read_lines(run_dir / "metrics.jsonl")][-1] == 4
     assert not (run_dir / "checkpoints" / "step_5").exists()
@@ -413,7 +423,8 @@ def test_a_real_full_disk(base, tiny_dir, small_disk):
     with pytest.raises(SystemExit) as excinfo:
         run_loop(tiny_dir, run_dir)
     line = one_line_exit(excinfo)
-    assert line.startswith("error: no space left on device while writing "), line
+    assert line.startswith(f"error: no space left on device while writing {run_dir}/"), line
+    assert f" (mount {small_disk}, 0 MiB free); " in line, line  # which file system to make room on
     intact = line.rsplit("; ", 1)[1]
     assert intact.endswith(" is intact"), line
     assert (run_dir / intact.removesuffix(" is intact")).is_dir()
