@@ -57,7 +57,9 @@ def main() -> None:
         group = RankGroup(a.rank, a.world, a.rank, torch.device("cpu"))
     results = {}
     for case in a.cases.split(","):
-        aggregation, accum = case.split(":")
+        # aggregation:accum[:packed][:tokens=N] (train.packing, train.max_tokens_per_micro_batch)
+        aggregation, accum, *flags = case.split(":")
+        tokens = next((int(f.split("=")[1]) for f in flags if f.startswith("tokens=")), None)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
         if a.weights:
@@ -65,7 +67,8 @@ def main() -> None:
         cfg = OmegaConf.create({"lr": 1e-3, "weight_decay": 0.01, "betas": [0.9, 0.99], "adam_eps": 1e-8,
                                 "max_grad_norm": 1.0, "warmup_steps": 1, "max_steps": 10, "min_lr_ratio": 0.1,
                                 "grad_accum_steps": int(accum), "optim_batch_size": 8, "epochs": 1,
-                                "fsdp_param_dtype": a.param_dtype})
+                                "fsdp_param_dtype": a.param_dtype, "packing": "packed" in flags,
+                                "max_tokens_per_micro_batch": tokens})
         # a truncated IS correction: the metrics of the rollout mismatch and its weights are logged too
         loss = ClippedSurrogateLoss(aggregation=aggregation, is_correction="truncate", is_cap=1.5)
         if group is None:

@@ -39,7 +39,10 @@ def max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-CASES = ["token_mean:1", "seq_mean_token_mean:1", "token_mean:2", "seq_mean_token_mean:2"]
+# aggregation:grad_accum_steps, then train.packing and train.max_tokens_per_micro_batch (4 micro-batches
+# of 2 sequences: 2 micro-steps of one per rank)
+CASES = ["token_mean:1", "seq_mean_token_mean:1", "token_mean:2", "seq_mean_token_mean:2",
+         "token_mean:1:packed:tokens=30", "seq_mean_token_mean:1:tokens=30"]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +62,8 @@ def two_steps(model_dir, tmp_path_factory) -> dict[int, dict]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_take_the_one_rank_step(model_dir, two_steps, case):
-    """Token and sequence means, with and without accumulation: same weights to 1e-6 after two
-    steps, same loss, gradient norm, LR, Adam moments and schedule."""
+    """Token and sequence means, with and without accumulation, packed and by token budget: same
+    weights to 1e-6 after two steps, same loss, gradient norm, LR, Adam moments and schedule."""
     from safetensors.torch import load_file
 
     one, two = two_steps[1][case], two_steps[2][case]
