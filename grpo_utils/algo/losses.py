@@ -27,6 +27,7 @@ split by sequences is exact too; splitting a sequence along ``T`` is not support
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "cons
 KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_PLACEMENTS = ("loss", "reward")
 IS_CORRECTIONS = ("none", "truncate", "mask")
+IS_LEVELS = ("token", "sequence", "geometric")
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -251,7 +253,8 @@ class PolicyLoss(torch.nn.Module):
     * ``behaviour_kl_coef``: KL to the policy that produced ``old_log_probs`` (0 when on-policy).
     * ``entropy_coef``: entropy bonus; entropy is logged whenever it is passed.
     * ``aggregation`` and ``constant_normalizer``: see :func:`aggregate`.
-    * ``is_correction`` (none | truncate | mask), ``is_cap``, ``is_mask_threshold``: correction for
+    * ``is_correction`` (none | truncate | mask), ``is_cap``, ``is_mask_threshold``, ``is_level``
+      (token | sequence | geometric; null: the objective's own, see :meth:`is_weights`): correction for
       the gap between the inference engine's log-probs (``rollout_log_probs``) and the training
       side's behaviour log-probs (``old_log_probs``). With ``w = exp(old - rollout)`` per token,
       ``truncate`` multiplies the policy term by the detached ``min(w, is_cap)`` (truncated IS)
@@ -269,7 +272,8 @@ class PolicyLoss(torch.nn.Module):
     size of the objective's ratio), ``approx_kl_behaviour`` (k3), ``kl_ref`` (with a reference),
     ``entropy`` (with entropies), and with ``rollout_log_probs``: ``mismatch_kl`` (k3 estimate of
     KL(rollout || old) from the sampled tokens), ``mismatch_ess``, and when a correction is on,
-    ``is_weight/mean`` and ``is_weight/corrected_fraction`` (tokens truncated or masked).
+    ``is_weight/mean``, ``is_weight/corrected_fraction`` (tokens truncated or masked) and
+    ``is_weight/ess`` (normalized effective sample size of the applied weights).
     """
 
     #: True for objectives defined on one ratio per sequence (GSPO): advantages must be ``[B]`` and
@@ -289,6 +293,7 @@ class PolicyLoss(torch.nn.Module):
         is_correction: str = "none",
         is_cap: float = 2.0,
         is_mask_threshold: float = 2.0,
+        is_level: str | None = None,
     ) -> None:
         super().__init__()
         _check_non_negative("kl_coef", kl_coef)
@@ -307,6 +312,8 @@ class PolicyLoss(torch.nn.Module):
         _check_choice("is_correction", is_correction, IS_CORRECTIONS)
         _check_positive("is_cap", is_cap)
         _check_positive("is_mask_threshold", is_mask_threshold)
+        if is_level is not None:
+            _check_choice("is_level", is_level, IS_LEVELS)
         self.kl_coef = kl_coef
         self.kl_estimator = kl_estimator
         self.kl_in = kl_in
@@ -317,6 +324,9 @@ class PolicyLoss(torch.nn.Module):
         self.is_correction = is_correction
         self.is_cap = is_cap
         self.is_mask_threshold = is_mask_threshold
+        # null: the objective's own level (one geometric-mean weight per sequence for GSPO's
+        # sequence ratio, per token otherwise)
+        self.is_level = is_level or ("geometric" if self.sequence_level else "token")
 
     @classmethod
     def config_keys(cls) -> list[str]:
@@ -382,21 +392,28 @@ class PolicyLoss(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Detached IS-correction weights ``[B, T]`` and the bool map of corrected tokens.
 
-        ``mismatch_log_ratio = old_log_probs - rollout_log_probs`` (zero on padding).
+        ``mismatch_log_ratio = old_log_probs - rollout_log_probs`` (zero on padding). By
+        ``is_level``: ``token`` weighs each token by its own ratio; ``sequence`` weighs every token
+        of a sequence by the product of its ratios (the sequence's likelihood ratio) and
+        ``geometric`` by their geometric mean (the product normalized by length), so truncation
+        or masking acts on whole sequences. Computed in log space and bounded before ``exp``: a
+        product of hundreds of ratios overflows otherwise.
         """
-        if self.sequence_level:
-            # One length-normalized (geometric-mean) weight per sequence, like GSPO's own ratio.
-            lengths = mask.sum(dim=-1, keepdim=True).clamp(min=1)
-            seq_log_weight = mismatch_log_ratio.sum(dim=-1, keepdim=True) / lengths
-            weights = seq_log_weight.exp().expand_as(mismatch_log_ratio)
+        if self.is_level == "token":
+            log_w = mismatch_log_ratio
         else:
-            weights = mismatch_log_ratio.exp()
+            log_w = mismatch_log_ratio.sum(dim=-1, keepdim=True)
+            if self.is_level == "geometric":
+                log_w = log_w / mask.sum(dim=-1, keepdim=True).clamp(min=1)
+            log_w = log_w.expand_as(mismatch_log_ratio)
         if self.is_correction == "truncate":
-            corrected = weights > self.is_cap
-            weights = weights.clamp(max=self.is_cap)
+            bound = math.log(self.is_cap)
+            corrected = log_w > bound
+            weights = log_w.clamp(max=bound).exp()
         else:  # mask
-            corrected = weights > self.is_mask_threshold
-            weights = torch.where(corrected, torch.zeros_like(weights), weights)
+            bound = math.log(self.is_mask_threshold)
+            corrected = log_w > bound
+            weights = torch.where(corrected, torch.zeros_like(log_w), log_w.clamp(max=bound).exp())
         return weights, corrected & mask
 
     def forward(
@@ -443,6 +460,7 @@ class PolicyLoss(torch.nn.Module):
                 sums["mean:is_weight/corrected_fraction"] = _token_sum(
                     corrected.to(log_ratio.dtype), mask
                 )
+                sums.update(_ess_sums("is_weight/ess", weights, mask))
 
         detached_log_ratio = log_ratio.detach()
         clip_low = _token_sum(term.clip_low.to(log_ratio.dtype), mask)
