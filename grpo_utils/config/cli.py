@@ -201,6 +201,10 @@ def _check_key(cfg: DictConfig, key: str) -> None:
 def _check_value(cfg: DictConfig, key: str, value) -> None:
     """The composed config keeps the schema's types: a value that does not fit fails here."""
     trial = cfg.copy()
+    node = OmegaConf.select(cfg, key)
+    if (isinstance(node, bool) and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value not in (0, 1)):  # OmegaConf would read any number as a bool (2 -> true)
+        raise ConfigError(f"{key}={value!r}: expected true or false")
     try:
         OmegaConf.update(trial, key, value, merge=True)
     except OmegaConfBaseException as e:

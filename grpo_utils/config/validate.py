@@ -3,13 +3,17 @@ with one line naming the key."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import random
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from grpo_utils.algo.advantages import check_advantage_config
 from grpo_utils.algo.shaping import RolloutShaping
@@ -35,6 +39,8 @@ def _require(ok: bool, msg: str) -> None:
 def validate(cfg: DictConfig, mode: str) -> None:
     """Raise :class:`ConfigError` on the first problem found. Keys and types were checked when
     Hydra merged the config into the schema; this checks values and how they fit together."""
+    resolve_all(cfg)
+    check_schema_values(cfg)
     _require(cfg.mode.name == mode,
              f"mode={cfg.mode.name} cannot run with grpo-{mode}.py; use grpo-{cfg.mode.name}.py or mode={mode}")
     try:
@@ -48,8 +54,6 @@ def validate(cfg: DictConfig, mode: str) -> None:
                                         "accept no other seeds)")
     _require(cfg.logger.backend in LOGGERS,
              f"logger.backend={cfg.logger.backend!r} is unknown; expected one of {', '.join(LOGGERS)}")
-    _require(OmegaConf.select(cfg, "logger.log_every", default=1) >= 1,
-             f"logger.log_every={OmegaConf.select(cfg, 'logger.log_every')} must be >= 1")
     name = cfg.model.name
     _require(not name.startswith("builtin:") or name == "builtin:quickstart",
              f"model.name={name!r} is unknown; the only builtin is 'builtin:quickstart'")
@@ -73,9 +77,6 @@ def validate(cfg: DictConfig, mode: str) -> None:
         plan_reward(reward_config(cfg))  # the reward validates its own options (one line naming the key)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _require(env.num_prompts >= 1, f"env.num_prompts={env.num_prompts} must be >= 1")
-    _require(env.group_size >= 2,
-             f"env.group_size={env.group_size} must be >= 2 (advantages are relative to the group)")
 
     is_correction = OmegaConf.select(cfg, "loss.is_correction", default="none")
     engine = rollout_class(cfg)
@@ -87,10 +88,6 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(not engine.needs_chat_template or template == "chat",
              f"rollout={engine.__name__} needs the chat template (TorchRL's ChatEnv renders chats)")
     gen = cfg.generation
-    _require(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens} must be >= 1")
-    _require(gen.temperature > 0, f"generation.temperature={gen.temperature} must be > 0")
-    _require(0 < gen.top_p <= 1, f"generation.top_p={gen.top_p} must be in (0, 1]")
-    _require(gen.top_k >= 0, f"generation.top_k={gen.top_k} must be >= 0 (0 = unrestricted)")
     _require(0 <= gen.min_new_tokens <= gen.max_new_tokens,
              f"generation.min_new_tokens={gen.min_new_tokens} must be in [0, max_new_tokens]")
 
@@ -102,8 +99,6 @@ def validate(cfg: DictConfig, mode: str) -> None:
 
     t = cfg.train
     rollout_size = env.num_prompts * env.group_size
-    _require(t.max_steps >= 1, f"train.max_steps={t.max_steps} must be >= 1")
-    _require(t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1")
     _require(t.optim_batch_size >= 1 and rollout_size % t.optim_batch_size == 0,
              f"train.optim_batch_size={t.optim_batch_size} must divide the rollout size "
              f"env.num_prompts*env.group_size={rollout_size}")
@@ -112,27 +107,103 @@ def validate(cfg: DictConfig, mode: str) -> None:
              f"train.grad_accum_steps={t.grad_accum_steps}")
     o = cfg.optimizer
     _require(o.name in OPTIMIZERS, f"optimizer.name={o.name!r} is unknown; expected one of {', '.join(OPTIMIZERS)}")
-    _require(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
-    _require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
              f"optimizer.betas={list(o.betas)} must be two values in [0, 1)")
-    _require(o.eps > 0, f"optimizer.eps={o.eps} must be > 0")
-    _require(o.clip_grad_norm > 0, f"optimizer.clip_grad_norm={o.clip_grad_norm} must be > 0")
-    _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
-    _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
 
-    _require(cfg.checkpoint.every_n_steps >= 0, f"checkpoint.every_n_steps={cfg.checkpoint.every_n_steps} must be >= 0")
     _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1 or null")
     _require(cfg.checkpoint.layout in ("run_dir", "hf"),
              f"checkpoint.layout={cfg.checkpoint.layout!r} is unknown; expected run_dir or hf")
-    _require(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps={cfg.eval.every_n_steps} must be >= 0")
-    _require(cfg.eval.heldout_size >= 0, f"eval.heldout_size={cfg.eval.heldout_size} must be >= 0")
     _require(cfg.eval.k >= 0, f"eval.k={cfg.eval.k} must be >= 0 (0 = greedy accuracy only)")
-    _require(cfg.eval.temperature > 0, f"eval.temperature={cfg.eval.temperature} must be > 0")
-    _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
-    _require(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0")
     resolve_device(cfg.device)
+    check_schema_values(cfg, no_effect=True)
+
+
+def resolve_all(cfg: DictConfig) -> None:
+    """Every interpolation (``${...}``, ``${oc.env:...}``) resolves; one line naming the key that
+    does not (instead of a traceback wherever the key is first read, possibly after a model loaded)."""
+    from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:
+        detail = str(e).strip().splitlines()[0]
+        key = e.full_key or "?"
+        raise ConfigError(f"{key}: cannot resolve its interpolation ({detail})") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{e.full_key or 'config'}: {str(e).strip().splitlines()[0]}") from None
+
+
+_RANGE = re.compile(r"^(?:(?P<op>>=|<=|>|<) *(?P<bound>\S+)|in (?P<lo_b>[\[(]) *(?P<lo>[^,]+), *(?P<hi>[^\])]+)"
+                    r"(?P<hi_b>[\])]))")
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether ``value`` satisfies a schema ``range`` (``"> 0"``, ``"in (0, 1]"``, a note may follow)."""
+    m = _RANGE.match(spec)
+    if m is None:
+        raise ValueError(f"bad range spec {spec!r}")
+    if m["op"]:
+        bound = float(m["bound"])
+        return {">": value > bound, ">=": value >= bound, "<": value < bound, "<=": value <= bound}[m["op"]]
+    lo, hi = float(m["lo"]), float(m["hi"])
+    above = value > lo if m["lo_b"] == "(" else value >= lo
+    return above and (value < hi if m["hi_b"] == ")" else value <= hi)
+
+
+def check_schema_values(cfg: DictConfig, no_effect: bool = False) -> None:
+    """Every key's declared ``range`` and finiteness (or, with ``no_effect``, its ``only_if``:
+    checked last, so a value's own problem is named first) from :func:`grpo_utils.config.schema.key`,
+    walked over the schema: one place for what a number may be, instead of a check per key. The
+    loss preset's keys (its class's arguments, no schema metadata) must be finite numbers too."""
+    from grpo_utils.config import schema
+
+    sections: list[tuple[Any, type, str]] = [(cfg, schema.GRPOConfig, "")]
+    mode_cls = schema.AsyncModeConfig if OmegaConf.select(cfg, "mode.name") == "async" else schema.SyncModeConfig
+    for name, cls in (("mode", mode_cls), ("logger", schema.LoggerConfig)):
+        if isinstance(cfg.get(name), DictConfig):
+            sections.append((cfg[name], cls, name + "."))
+    while sections:
+        node, cls, prefix = sections.pop(0)
+        for f in dataclasses.fields(cls):
+            if f.name not in node:
+                continue
+            if dataclasses.is_dataclass(f.type) and isinstance(f.type, type):
+                sections.append((node[f.name], f.type, prefix + f.name + "."))
+                continue
+            if no_effect:
+                _check_effect(cfg, prefix + f.name, node[f.name], f)
+            else:
+                _check_value(prefix + f.name, node[f.name], f)
+    loss = cfg.get("loss")
+    if isinstance(loss, DictConfig) and not no_effect:
+        for name, value in loss.items():
+            _require(not isinstance(value, float) or math.isfinite(value),
+                     f"loss.{name}={value} must be a finite number")
+
+
+def _check_value(key: str, value: Any, f: dataclasses.Field) -> None:
+    spec, finite = f.metadata.get("range"), f.metadata.get("finite", True)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    nullable = "null or " if f.default is None else ""
+    if number and finite and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number" + (f" {spec}" if spec else ""))
+    if number and spec:
+        _require(in_range(value, spec), f"{key}={value} must be {nullable}{spec}")
+
+
+def _check_effect(cfg: DictConfig, key: str, value: Any, f: dataclasses.Field) -> None:
+    """A key set (to other than its default) where it has no effect is refused, not ignored."""
+    only_if = f.metadata.get("only_if")
+    if only_if:
+        cond_key, _, wanted = only_if.partition("=")
+        actual = OmegaConf.select(cfg, cond_key)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        plain = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+        shown = str(actual).lower() if isinstance(actual, bool) else actual
+        _require(str(shown) == wanted or plain == default,
+                 f"{key}={plain} has no effect with {cond_key}={shown} (it applies only with {only_if}); "
+                 f"remove it or set {only_if}")
 
 
 def validate_ranks(cfg: DictConfig, mode: str) -> None:
@@ -141,7 +212,6 @@ def validate_ranks(cfg: DictConfig, mode: str) -> None:
     n, nodes = tm.num_devices, tm.num_nodes
     _require(nodes >= 1 and n % nodes == 0,
              f"train_model.num_nodes={nodes} must be >= 1 and divide train_model.num_devices={n} (ranks per node)")
-    _require(tm.timeout_s > 0, f"train_model.timeout_s={tm.timeout_s} must be > 0")
     _require(tm.fsdp_param_dtype in (None, "bfloat16", "float32"),
              f"train_model.fsdp_param_dtype={tm.fsdp_param_dtype!r}; expected null, bfloat16 or float32")
     _require(tm.fsdp_param_dtype is None or n > 1,
@@ -187,9 +257,6 @@ def validate_ref_model(ref: DictConfig) -> None:
 def validate_lora(lora: DictConfig) -> None:
     """``train_model.lora.*`` values (checked even when disabled, so a typo shows at once). Whether
     each target module exists is checked against the model when LoRA is applied."""
-    _require(lora.r >= 1, f"train_model.lora.r={lora.r} must be >= 1")
-    _require(lora.alpha > 0, f"train_model.lora.alpha={lora.alpha} must be > 0")
-    _require(0 <= lora.dropout < 1, f"train_model.lora.dropout={lora.dropout} must be in [0, 1)")
     targets = lora.target_modules
     if isinstance(targets, str):
         _require(targets == "all-linear", f"train_model.lora.target_modules={targets!r}: expected a list of layer "
@@ -232,18 +299,6 @@ def validate_inference(cfg: DictConfig) -> None:
                                       f"{', '.join(BACKENDS)}")
     _require(inf.dtype is None or inf.dtype in DTYPES,
              f"inference_model.dtype={inf.dtype!r}; expected null or one of {', '.join(DTYPES)}")
-    checks = [
-        (inf.max_model_len is None or inf.max_model_len >= 1, f"inference_model.max_model_len={inf.max_model_len} "
-                                                               "must be null or >= 1"),
-        (inf.gpu_memory_utilization is None or 0 < inf.gpu_memory_utilization <= 1,
-         f"inference_model.gpu_memory_utilization={inf.gpu_memory_utilization} must be null or in (0, 1]"),
-        (inf.cpu_kv_cache_gib > 0, f"inference_model.cpu_kv_cache_gib={inf.cpu_kv_cache_gib} must be > 0"),
-        (inf.probe_every >= 0, f"inference_model.probe_every={inf.probe_every} must be >= 0 (0: never)"),
-        (inf.probe_tolerance is None or inf.probe_tolerance > 0,
-         f"inference_model.probe_tolerance={inf.probe_tolerance} must be null or > 0"),
-    ]
-    for ok, msg in checks:
-        _require(ok, msg)
     try:
         check_replicas(cfg)
     except ValueError as e:
