@@ -309,7 +309,8 @@ class LoggerConfig:
 @dataclass
 class GRPOConfig:
     seed: int = key(0, "seeds python, numpy and torch (sampling, data order, mini-batches)")
-    resume: Any = key(False, "true: continue from the run dir's latest checkpoint; or a checkpoint path")
+    resume: Any = key(False, "true: continue from the run dir's latest checkpoint (none yet: start fresh, with a "
+                      "warning); must: the same, but refuse to start fresh; or a checkpoint path")
     device: str = key("auto", "auto (cuda when available) | cpu | cuda | cuda:N")
     num_threads: int = key(0, "torch CPU threads; 0 keeps torch's default", range=">= 0")
     mode: Any = key(None, "group: sync | async (config/mode/)")

@@ -8,7 +8,6 @@ import math
 import os
 import random
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from grpo_utils.algo.shaping import RolloutShaping
 from grpo_utils.data.datasets import DATASET_REWARDS, DataError, validate_env
 from grpo_utils.distributed.resources import check_mode_options, host_port
 from grpo_utils.errors import ConfigError
+from grpo_utils.models.check import ModelInfo, check_model_name
 from grpo_utils.models.loading import BUILTIN_PREFIX, DTYPES
 from grpo_utils.rewards import plan_reward
 from grpo_utils.train.trainer import MIXED_PRECISION
@@ -327,7 +327,7 @@ def check_placement(cfg: DictConfig, mode: str, needs_reference: bool) -> None:
     _require(ref.num_devices <= 1, f"ref_model.num_devices={ref.num_devices}: a reference over several devices is "
                                    "not supported (it only runs forward passes); use ref_model.num_devices=1")
     if ref.path is not None:
-        check_model_name(ref.path, key="ref_model.path")
+        check_model_name(ref.path, key="ref_model.path", tokenizer=False)
     _require(not cfg.inference_model.num_devices or mode == "async" or cfg.mode.ray,
              f"inference_model.num_devices={cfg.inference_model.num_devices:g} needs mode.ray=true or grpo-async.py: "
              "locally the generator is the training module, on its device")
@@ -362,23 +362,67 @@ def reward_config(cfg: DictConfig) -> dict:
     return reward
 
 
-def check_model_name(name: str, key: str = "model.name") -> None:
-    """``model.name`` (or the model path ``key`` names) that names a local directory (it exists, or
-    it is written as a path: absolute, ``./``, ``../``, ``~``, or more parts than a hub ``org/name``)
-    must be a model directory (``config.json``); anything else is left to the hub. No network."""
-    if name.startswith(BUILTIN_PREFIX):
+def check_models(cfg: DictConfig, needs_reference: bool) -> ModelInfo | None:
+    """``model.name`` (and a ``ref_model.path`` in use) read as far as can be without loading
+    (:func:`grpo_utils.models.check.check_model_name`), and the settings that must fit the model:
+    the completion budget within its context, a LoRA rank within its width, a reference of the
+    same vocabulary. Returns the policy's :class:`ModelInfo` (None where nothing can be read)."""
+    info = check_model_name(cfg.model.name)
+    if info is None:
+        return None
+    where = f"model.name={cfg.model.name}'s config.json"
+    gen = cfg.generation
+    if info.context:
+        _require(gen.max_new_tokens < info.context,
+                 f"generation.max_new_tokens={gen.max_new_tokens} leaves no room for a prompt in the model's context "
+                 f"of {info.context} positions ({where}); expected < {info.context}")
+    lora = cfg.train_model.lora
+    if lora.enabled and info.hidden_size:
+        _require(lora.r <= info.hidden_size,
+                 f"train_model.lora.r={lora.r} exceeds the model's width hidden_size={info.hidden_size} ({where}); "
+                 "an adapter's rank is at most the width of the layers it adapts (typically 8-64)")
+    if cfg.ref_model.path is not None and needs_reference:
+        ref = check_model_name(cfg.ref_model.path, key="ref_model.path", tokenizer=False)
+        if ref is not None and ref.vocab_size and info.vocab_size:
+            _require(ref.vocab_size == info.vocab_size,
+                     f"ref_model.path={cfg.ref_model.path} has vocab_size={ref.vocab_size}, the policy "
+                     f"{info.vocab_size} ({where}); the KL needs the same vocabulary")
+    return info
+
+
+def check_sizes(cfg: DictConfig) -> None:
+    """Sizes that cannot fit this machine's memory, refused now (they would otherwise run for
+    minutes before a memory error): a lower bound of what the generated rows and one rollout
+    batch take, against the machine's RAM."""
+    total = memory_bytes()
+    if total is None:
         return
-    path = Path(name).expanduser()
-    if path.is_dir():
-        _require((path / "config.json").is_file(),
-                 f"{key}={name} is a directory without config.json; expected a Hugging Face model directory "
-                 "(e.g. a run's final_model/ or checkpoints/step_<N>/) or a hub name org/name")
-        return
-    _require(not path.exists(), f"{key}={name} is a file; expected a model directory or a hub name org/name")
-    looks_local = (name.startswith(("/", "./", "../", "~")) or name in (".", "..")
-                   or name.count(os.sep) > 1 or (os.altsep is not None and os.altsep in name))
-    _require(not looks_local, f"{key}={name}: no such directory; expected a local model directory or a hub "
-                              "name org/name")
+    gib = total / 2**30
+    env = cfg.env
+    sizes = [(f"env.{name}.{part}", OmegaConf.select(env, f"{name}.{part}"), ROW_BYTES)
+             for name in ("quickstart", "countdown") if env.dataset == name for part in ("num_train", "num_test")]
+    tokens_per_prompt = env.group_size * (cfg.generation.max_new_tokens + 1)
+    sizes.append(("env.num_prompts", env.num_prompts, tokens_per_prompt * TOKEN_BYTES))
+    sizes.append(("eval.batch_size", cfg.eval.batch_size, (cfg.generation.max_new_tokens + 1) * TOKEN_BYTES))
+    for name, n, each in sizes:
+        need = n * each
+        _require(need <= total, f"{name}={n} needs at least {need / 2**30:.0f} GiB ({each} bytes each), but this "
+                                f"machine has {gib:.1f} GiB of memory")
+
+
+#: Lower bounds of the memory a generated row and a sampled token take (a row is a dict of a few
+#: strings; a token is its id, mask, log-prob and advantage in several tensors): the size check
+#: refuses only what cannot fit even so.
+ROW_BYTES = 300
+TOKEN_BYTES = 32
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -5,7 +5,10 @@ README "Running" lists the classes; the tables here are the cases that are kept 
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +137,145 @@ def test_api_config_errors_are_the_projects_error_type(kwargs, expected):
         GRPOConfig(**kwargs)
     assert info.value.one_line().startswith(expected), info.value.one_line()
     assert "\n" not in info.value.one_line()
+
+
+def hub_cache(cache: Path, model_dir: Path, repo: str, monkeypatch) -> Path:
+    """A Hugging Face hub cache (as ``snapshot_download`` leaves it) holding ``model_dir`` as ``repo``;
+    returns the snapshot directory."""
+    from huggingface_hub import constants
+
+    commit = "0" * 40
+    repo_dir = cache / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return snapshot
+
+
+# -------------------------------------------------- model directories (read, never loaded)
+def _json(name: str, text: str):
+    return lambda d: (d / name).write_text(text)
+
+
+def _edit_config(**changes):
+    def edit(d: Path) -> None:
+        config = json.loads((d / "config.json").read_text())
+        config.update(changes)
+        (d / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _truncate(d: Path) -> None:
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _remove(*names: str):
+    return lambda d: [(d / n).unlink() for n in names if (d / n).exists()]
+
+
+def _sharded(d: Path) -> None:
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+        "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+
+
+MODEL_DIRS = [
+    ("invalid config.json", _json("config.json", '{"model_type": "qwen2",'), "config.json:1: not valid JSON"),
+    ("empty config.json", _json("config.json", ""), "config.json is empty; expected a JSON object"),
+    ("config.json not an object", _json("config.json", "[1, 2]"), "config.json is a JSON list, expected an object"),
+    ("no model_type", _edit_config(model_type=None), "config.json has no model_type"),
+    ("unknown model_type", _edit_config(model_type="qwen9"), "config.json's model_type='qwen9' is unknown to the "
+                                                             "installed transformers"),
+    ("not a causal LM", _edit_config(model_type="vit"), "model_type='vit' has no causal language model class"),
+    ("no weights", _remove("model.safetensors"), "no weights in"),
+    ("truncated safetensors", _truncate, "model.safetensors is truncated: its header lists"),
+    ("not safetensors", _json("model.safetensors", "garbage"), "model.safetensors is not a readable safetensors "
+                                                               "file"),
+    ("vocab differs from the weights", _edit_config(vocab_size=1000), "weight model.embed_tokens.weight has shape"),
+    ("width differs from the weights", _edit_config(hidden_size=64), "but config.json says vocab_size="),
+    ("layers differ from the weights", _edit_config(num_hidden_layers=3), "the weights have 1 layers but config.json "
+                                                                         "says num_hidden_layers=3"),
+    ("index names a missing shard", _sharded, "model-00002-of-00002.safetensors is missing (listed in "
+                                              "model.safetensors.index.json)"),
+    ("no tokenizer files", _remove("tokenizer.json", "vocab.json", "merges.txt"), "no tokenizer files in"),
+    ("invalid tokenizer_config.json", _json("tokenizer_config.json", "{"), "tokenizer_config.json:1: not valid JSON"),
+]
+
+
+@pytest.fixture
+def model_copy(tmp_path, tiny_dir) -> Path:
+    return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+
+
+@pytest.mark.parametrize(("case", "break_it", "expected"), MODEL_DIRS, ids=[c for c, _, _ in MODEL_DIRS])
+def test_broken_model_directory_is_one_line(case, break_it, expected, model_copy):
+    break_it(model_copy)
+    message = refused(f"model.name={model_copy}")
+    assert message.startswith(f"config error: model.name={model_copy}: "), message
+    assert expected in message, message
+    if "tokenizer" not in case:  # the reference needs no tokenizer of its own; everything else the same
+        message = refused(f"ref_model.path={model_copy} loss.kl_coef=0.1")
+        assert message.startswith(f"config error: ref_model.path={model_copy}: ") and expected in message, message
+
+
+def test_model_settings_that_cannot_fit_the_model(tiny_dir, tmp_path):
+    assert refused(f"model.name={tiny_dir} generation.max_new_tokens=100000").startswith(
+        "config error: generation.max_new_tokens=100000 leaves no room for a prompt in the model's context of 8192 "
+        "positions")
+    assert refused(f"model.name={tiny_dir} train_model.lora.enabled=true train_model.lora.r=100000").startswith(
+        "config error: train_model.lora.r=100000 exceeds the model's width hidden_size=32")
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"HF_HUB_OFFLINE": "1"}, "config error: model.name=nobody-here/no-such-model: no such local directory, and not "
+                              "in the Hugging Face cache (offline mode, HF_HUB_OFFLINE=1"),
+    ({"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"},
+     "config error: model.name=nobody-here/no-such-model: no such local directory, not in the Hugging Face cache, "
+     "and the hub (http://127.0.0.1:9) cannot be reached"),
+])
+def test_hub_name_that_is_not_here_fails_at_once(env, expected, monkeypatch, tmp_path):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    assert refused("model.name=nobody-here/no-such-model").startswith(expected)
+    assert time.monotonic() - start < 10  # not the minute of connection retries
+
+
+# ------------------------------------------------------------------------------- resuming
+def _loop(line: str, run_dir: Path):
+    from grpo_utils.train.loop import GRPOLoop
+
+    (cfg,) = jobs(line)
+    return GRPOLoop(cfg, "sync", run_dir)
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_one_line(tiny_dir, tmp_path, tok):
+    from grpo_utils.models.tiny import build_model
+    from grpo_utils.train.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "old", 2, build_model(tok, hidden_size=48, num_layers=1), tok, {"step": 2})
+    with pytest.raises(GRPOError) as info:
+        _loop(f"model.name={tiny_dir} resume={tmp_path / 'old'}", tmp_path / "run").setup()
+    message = info.value.one_line()
+    assert message.startswith("config error: resume: checkpoint ") and "is of another model (hidden_size=48 in its " \
+        "config.json, hidden_size=32 in model.name's)" in message, message
+
+
+def test_resume_must_refuses_and_resume_true_warns_before_the_model_loads(tiny_dir, tmp_path, capsys):
+    with pytest.raises(GRPOError) as info:
+        _loop(f"model.name={tiny_dir} resume=must", tmp_path / "run").setup()
+    assert info.value.one_line().startswith(f"error: resume=must: no checkpoint in {tmp_path / 'run'} to resume from")
+    with pytest.raises(AssertionError, match="a model or tokenizer was loaded"):  # it goes on, from scratch
+        _loop(f"model.name={tiny_dir} resume=true", tmp_path / "run").setup()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"warning: resume=true but {tmp_path / 'run'} has no checkpoint yet; starting from scratch (resume=must "
+        "refuses to)")
