@@ -232,6 +232,21 @@ def validate_ranks(cfg: DictConfig, mode: str) -> None:
         _require(cfg.inference_model.backend != "vllm" or mode == "async" or cfg.mode.ray,
                  f"inference_model.backend=vllm with train_model.num_devices={n} needs the engine in a collector "
                  "(mode.ray=true or grpo-async.py): it cannot share rank 0's process with the trainer ranks")
+    per_node = n // nodes
+    if per_node > 1 and resolve_device(cfg.device).type == "cpu":
+        cores = usable_cores()
+        _require(per_node <= cores,
+                 f"train_model.num_devices={n} CPU ranks{f' over {nodes} nodes' if nodes > 1 else ''} is "
+                 f"{per_node} per node, but this machine gives the process {cores} cores; use at most {cores} "
+                 "(each CPU rank needs a core of its own)")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity, e.g. a scheduler's allocation), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def validate_ref_model(ref: DictConfig) -> None:
@@ -398,16 +413,18 @@ def check_sizes(cfg: DictConfig) -> None:
     if total is None:
         return
     gib = total / 2**30
-    env = cfg.env
-    sizes = [(f"env.{name}.{part}", OmegaConf.select(env, f"{name}.{part}"), ROW_BYTES)
+    env, gen = cfg.env, cfg.generation
+    tokens = f"(generation.max_new_tokens={gen.max_new_tokens} + 1) tokens"
+    sizes = [(f"env.{name}.{part}={OmegaConf.select(env, f'{name}.{part}')} rows",
+              OmegaConf.select(env, f"{name}.{part}") * ROW_BYTES)
              for name in ("quickstart", "countdown") if env.dataset == name for part in ("num_train", "num_test")]
-    tokens_per_prompt = env.group_size * (cfg.generation.max_new_tokens + 1)
-    sizes.append(("env.num_prompts", env.num_prompts, tokens_per_prompt * TOKEN_BYTES))
-    sizes.append(("eval.batch_size", cfg.eval.batch_size, (cfg.generation.max_new_tokens + 1) * TOKEN_BYTES))
-    for name, n, each in sizes:
-        need = n * each
-        _require(need <= total, f"{name}={n} needs at least {need / 2**30:.0f} GiB ({each} bytes each), but this "
-                                f"machine has {gib:.1f} GiB of memory")
+    sizes.append((f"env.num_prompts={env.num_prompts} x env.group_size={env.group_size} x {tokens}",
+                   env.num_prompts * env.group_size * (gen.max_new_tokens + 1) * TOKEN_BYTES))
+    sizes.append((f"eval.batch_size={cfg.eval.batch_size} x {tokens}",
+                  cfg.eval.batch_size * (gen.max_new_tokens + 1) * TOKEN_BYTES))
+    for what, need in sizes:
+        _require(need <= total, f"{what} need at least {need / 2**30:,.0f} GiB, but this machine has {gib:.1f} GiB "
+                                "of memory")
 
 
 #: Lower bounds of the memory a generated row and a sampled token take (a row is a dict of a few

@@ -279,3 +279,26 @@ def test_resume_must_refuses_and_resume_true_warns_before_the_model_loads(tiny_d
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"warning: resume=true but {tmp_path / 'run'} has no checkpoint yet; starting from scratch (resume=must "
         "refuses to)")
+
+
+# ------------------------------------------------------------------ sizes against the machine
+SIZES = [
+    ("env.num_prompts=1000000000", "config error: env.num_prompts=1000000000 x env.group_size=8 x "
+                                   "(generation.max_new_tokens=4 + 1) tokens need at least"),
+    ("generation.max_new_tokens=100000000", "config error: env.num_prompts=8 x env.group_size=8 x "
+                                            "(generation.max_new_tokens=100000000 + 1) tokens need at least"),
+    ("env.quickstart.num_train=10000000000", "config error: env.quickstart.num_train=10000000000 rows need at least"),
+    ("env.dataset=countdown env.countdown.num_train=10000000000",
+     "config error: env.countdown.num_train=10000000000 rows need at least"),
+    ("eval.batch_size=100000000000", "config error: eval.batch_size=100000000000 x (generation.max_new_tokens=4 + 1) "
+                                     "tokens need at least"),
+    ("device=cpu train_model.num_devices=1024 train.optim_batch_size=1024 env.num_prompts=128",
+     "config error: train_model.num_devices=1024 CPU ranks is 1024 per node, but this machine gives the process"),
+]
+
+
+@table(SIZES)
+def test_sizes_beyond_the_machine(line, expected):
+    message = refused(line)
+    assert message.startswith(expected), message
+    assert "GiB of memory" in message or "cores; use at most" in message
