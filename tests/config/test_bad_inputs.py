@@ -302,3 +302,101 @@ def test_sizes_beyond_the_machine(line, expected):
     message = refused(line)
     assert message.startswith(expected), message
     assert "GiB of memory" in message or "cores; use at most" in message
+
+
+# ------------------------------------------------------------------------------- data rows
+def rows_of(line: str):
+    """The pre-load stage as ``GRPOLoop.setup`` runs it: the config checks, then the data rows."""
+    from grpo_utils import build
+
+    (cfg,) = jobs(line)
+    check_run(cfg, "sync", available_gpus=0)
+    return build.rows(cfg.env, cfg.eval.heldout_size)
+
+
+def data_refused(line: str) -> str:
+    with pytest.raises(GRPOError) as info:
+        rows_of(line)
+    message = info.value.one_line()
+    assert "\n" not in message, message
+    return message
+
+
+GOOD = ['{"question": "1+1?", "answer": "2"}', '{"question": "2+2?", "answer": "4"}', '{"question": "3+3?", "answer": 6}']
+BAD_ROWS = [
+    ('{"question": 123, "answer": "2"}', "field 'question' (env.prompt_field) is a number, expected the prompt as "
+                                         "non-empty text"),
+    ('{"question": ["1+1?"], "answer": "2"}', "field 'question' (env.prompt_field) is a list"),
+    ('{"question": {"text": "1+1?"}, "answer": "2"}', "field 'question' (env.prompt_field) is an object"),
+    ('{"question": "", "answer": "2"}', "field 'question' (env.prompt_field) is empty"),
+    ('{"question": null, "answer": "2"}', "field 'question' (env.prompt_field) is missing or null"),
+    ('{"question": "1+1?", "answer": [2]}', "field 'answer' (env.answer_field) is a list, expected a string or a "
+                                            "number"),
+    ('{"question": "1+1?", "answer": {"value": 2}}', "field 'answer' (env.answer_field) is an object"),
+    ('{"question": "1+1?", "answer": true}', "field 'answer' (env.answer_field) is a boolean"),
+    ('{"question": "1+1?", "answer": null}', "field 'answer' (env.answer_field) is missing or null"),
+    ('{"question": "1+1?", "answer": NaN}', "NaN is not a JSON number (JSON numbers are finite)"),
+    ('{"question": "1+1?", "answer": Infinity}', "Infinity is not a JSON number"),
+    ('{"question": "1+1?", "answer": -Infinity}', "-Infinity is not a JSON number"),
+    ('{"question": "1+1?", "answer": 1e999}', "1e999 is out of range for a number"),
+    ('{"question": "1+1?", "answer": "2", "weight": NaN}', "NaN is not a JSON number"),
+    ('{"question": "1+1?"}', "missing field 'answer'"),
+    ('["1+1?", "2"]', "expected a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize(("row", "expected"), BAD_ROWS, ids=[r for r, _ in BAD_ROWS])
+def test_bad_rows_stop_naming_file_and_line_or_are_skipped(row, expected, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join([GOOD[0], GOOD[1], row, GOOD[2]]) + "\n")
+    line = f"env.dataset=jsonl reward.name=numeric_answer env.train_path={data} env.heldout_count=1"
+    assert data_refused(line).startswith(f"data error: {data}:3: {expected}")
+    train, test = rows_of(line + " env.skip_bad_rows=true")
+    assert (train.skipped, len(train) + len(test)) == (1, 3)  # the bad row is skipped and counted, not read
+
+
+@pytest.mark.parametrize("dataset,row", [
+    ("gsm8k", '{"question": "1+1?", "answer": "#### 2", "id": NaN}'),
+    ("math", '{"problem": "1+1?", "answer": Infinity}'),
+])
+def test_non_finite_numbers_are_bad_rows_in_every_file_dataset(dataset, row, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(row + "\n")
+    assert data_refused(f"env.dataset={dataset} env.train_path={data} env.test_path={data}").startswith(
+        f"data error: {data}:1: ")
+    assert data_refused(f"env.dataset={dataset} env.train_path={data} env.test_path={data} env.skip_bad_rows=true") \
+        == f"data error: {data}: no valid rows (1 malformed rows skipped)"
+
+
+PROMPT_FORMATS = [
+    ("env.prompt_format='{question'", "config error: env.prompt_format='{question' is not a valid format string "
+                                      "(expected '}' before end of string)"),
+    ("env.prompt_format='Q:{}'", "config error: env.prompt_format='Q:{}' has a positional field {}; name a row "
+                                  "field"),
+    ("env.prompt_format='{nope}'", "data error: env.prompt_format='{nope}' reads field 'nope', which the train "
+                                   "split's row 0 lacks (its fields: answer, digits, question)"),
+]
+
+
+@table(PROMPT_FORMATS)
+def test_prompt_format_that_cannot_fill(line, expected):
+    assert data_refused(line).startswith(expected)
+
+
+def test_prompt_format_field_missing_in_a_file_names_the_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"question": "a", "answer": "1", "hint": "h"}\n{"question": "b", "answer": "2"}\n')
+    message = data_refused(f"env.dataset=jsonl reward.name=numeric_answer env.train_path={data} env.test_path={data} "
+                           "env.prompt_format='{question}:{hint}'")
+    assert message == (f"data error: env.prompt_format='{{question}}:{{hint}}' reads field 'hint', which {data}:2 "
+                       "lacks (its fields: answer, question)")
+
+
+def test_held_out_split_that_empties_training_is_one_line(tmp_path, tiny_dir):
+    data = tmp_path / "ifeval.jsonl"
+    row = {"key": 1, "prompt": "Write a haiku.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    data.write_text("\n".join(json.dumps({**row, "key": i}) for i in range(20)) + "\n")
+    message = data_refused(f"--config-name grpo_ifeval model.name={tiny_dir} env.train_path={data}")
+    assert message == (f"data error: env.train_path={data}: holding out 2 of 20 rows leaves no training rows (rows "
+                       "sharing a held-out prompt leave training too; the file has 1 distinct prompt(s)); give "
+                       "env.test_path or more distinct prompts")
