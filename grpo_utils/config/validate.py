@@ -91,6 +91,13 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(0 <= gen.min_new_tokens <= gen.max_new_tokens,
              f"generation.min_new_tokens={gen.min_new_tokens} must be in [0, max_new_tokens]")
 
+    sh = cfg.shaping
+    if sh.overlong_penalty > 0 and sh.overlong_cache_len is not None:
+        _require(sh.overlong_cache_len <= gen.max_new_tokens,
+                 f"shaping.overlong_cache_len={sh.overlong_cache_len} exceeds the completion budget "
+                 f"generation.max_new_tokens={gen.max_new_tokens}; the punishment interval lies within it")
+    loss_class(cfg)
+    logger_class(cfg)
     try:
         check_advantage_config(cfg.advantage.estimator, cfg.advantage.scale, cfg.advantage.eps)
         RolloutShaping(**OmegaConf.to_container(cfg.shaping, resolve=True))
@@ -128,6 +135,7 @@ def resolve_all(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationResolutionError as e:
         detail = str(e).strip().splitlines()[0]
+        detail = re.sub(r"^\w+ raised while resolving interpolation: ", "", detail).strip('"')
         key = e.full_key or "?"
         raise ConfigError(f"{key}: cannot resolve its interpolation ({detail})") from None
     except OmegaConfBaseException as e:
@@ -361,6 +369,39 @@ def rollout_class(cfg: DictConfig) -> type:
             from None
     _require(isinstance(cls, type) and issubclass(cls, GroupRollout),
              f"rollout._target_={cfg.rollout._target_} must be a GroupRollout subclass (same constructor, collect())")
+    return cls
+
+
+def loss_class(cfg: DictConfig) -> type:
+    """The class ``loss._target_`` names: importable and a :class:`~grpo_utils.algo.losses.PolicyLoss`
+    (checked now, not when the loss is first called, after the model loaded)."""
+    from hydra.utils import get_class
+
+    from grpo_utils.algo.losses import PolicyLoss
+
+    target = OmegaConf.select(cfg, "loss._target_")
+    if target is None:
+        return PolicyLoss
+    try:
+        cls = get_class(target)
+    except Exception as e:
+        raise ConfigError(f"loss._target_={target} cannot be imported ({str(e).splitlines()[0]})") from None
+    _require(isinstance(cls, type) and issubclass(cls, PolicyLoss),
+             f"loss._target_={target} must be a PolicyLoss subclass (grpo_utils.algo.losses), e.g. the presets' "
+             "grpo_utils.algo.losses.ClippedSurrogateLoss")
+    return cls
+
+
+def logger_class(cfg: DictConfig) -> type:
+    """The class ``logger._target_`` names, importable now (the logger is built after the model loads)."""
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(cfg, "logger._target_")
+    try:
+        cls = get_class(target)
+    except Exception as e:
+        raise ConfigError(f"logger._target_={target} cannot be imported ({str(e).splitlines()[0]})") from None
+    _require(isinstance(cls, type), f"logger._target_={target} is not a class")
     return cls
 
 

@@ -400,3 +400,72 @@ def test_held_out_split_that_empties_training_is_one_line(tmp_path, tiny_dir):
     assert message == (f"data error: env.train_path={data}: holding out 2 of 20 rows leaves no training rows (rows "
                        "sharing a held-out prompt leave training too; the file has 1 distinct prompt(s)); give "
                        "env.test_path or more distinct prompts")
+
+
+# ------------------------------------------------------- Hydra-level input, through the launcher
+def launched(argv: list[str], monkeypatch, mode: str = "sync") -> str:
+    """The line a recipe's launcher exits with for ``argv``; its Hydra main must not start."""
+    import sys
+
+    from grpo_utils.launch import launch
+    from tests.config.test_command_lines import CONFIG
+
+    started = []
+    monkeypatch.setattr(sys, "argv", ["grpo-sync.py", *argv])
+    with pytest.raises(SystemExit) as info:
+        launch(lambda: started.append(True), mode, CONFIG)
+    assert not started, "the recipe started"
+    message = info.value.code
+    assert isinstance(message, str) and "\n" not in message, message  # a string exit: status 1, on stderr
+    return message
+
+
+HYDRA = [
+    ("--config-name nope", "config error: --config-name nope: no nope.yaml in "),
+    ("--config-name", "config error: --config-name needs a config name, e.g. --config-name grpo_gsm8k"),
+    ("--config-dir /nonexistent/configs", "config error: --config-dir=/nonexistent/configs: no such directory"),
+    ("--config-dir=/nonexistent/configs --config-name mine", "config error: --config-dir=/nonexistent/configs: no "
+                                                             "such directory"),
+    ("~optimizer.lr", "config error: ~optimizer.lr: a key of the schema cannot be deleted"),
+    ("~env", "config error: ~env: a key of the schema cannot be deleted"),
+    ("~optimizer.nope", "config error: unknown config key 'optimizer.nope'"),
+    ("hydra.run.dir={file}/run", "config error: hydra.run.dir={file}/run: {file} is a file, not a directory"),
+    ("-m optimizer.lr=1e-4,inf", "config error: sweep job 1: optimizer.lr=inf must be a finite number in (0, 1]"),
+    ("-m env.group_size=8,1", "config error: sweep job 1: env.group_size=1 must be >= 2"),
+]
+
+
+@table(HYDRA)
+def test_hydra_level_input_is_one_line_before_the_recipe_starts(line, expected, tmp_path, monkeypatch):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    message = launched(line.format(file=file).split(), monkeypatch)
+    assert message.startswith(expected.format(file=file)), message
+
+
+CONFIG_LEVEL = [
+    ("model.name='${nope}'", "config error: model.name: cannot resolve its interpolation (Interpolation key 'nope' "
+                             "not found)"),
+    ("model.name='${oc.env:GRPO_SURELY_UNSET_VARIABLE}'", "config error: model.name: cannot resolve its "
+                                                          "interpolation (Environment variable "
+                                                          "'GRPO_SURELY_UNSET_VARIABLE' not found)"),
+    ("loss._target_=builtins.dict", "config error: loss._target_=builtins.dict must be a PolicyLoss subclass"),
+    ("loss._target_=nowhere.Loss", "config error: loss._target_=nowhere.Loss cannot be imported"),
+    ("logger._target_=nowhere.Logger", "config error: logger._target_=nowhere.Logger cannot be imported"),
+    ("shaping.overlong_penalty=1 shaping.overlong_cache_len=100",
+     "config error: shaping.overlong_cache_len=100 exceeds the completion budget generation.max_new_tokens=4"),
+]
+
+
+@table(CONFIG_LEVEL)
+def test_config_level_input_is_one_line(line, expected):
+    assert refused(line).startswith(expected)
+
+
+def test_a_bad_line_exits_nonzero_with_one_line_on_stderr(env, tmp_path):
+    """End to end, once: the recipe process itself (exit status, stderr) for a bad input."""
+    from tests.helpers import run_recipe
+
+    proc = run_recipe(env, f"hydra.run.dir={tmp_path / 'r'}", "optimizer.lr=inf", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "config error: optimizer.lr=inf must be a finite number in (0, 1]"
