@@ -159,17 +159,17 @@ def in_range(value: float, spec: str) -> bool:
     return above and (value < hi if m["hi_b"] == ")" else value <= hi)
 
 
-def check_schema_values(cfg: DictConfig, no_effect: bool = False) -> None:
+def check_schema_values(cfg: DictConfig, no_effect: bool = False, root: type | None = None) -> None:
     """Every key's declared ``range`` and finiteness (or, with ``no_effect``, its ``only_if``:
     checked last, so a value's own problem is named first) from :func:`grpo_utils.config.schema.key`,
     walked over the schema: one place for what a number may be, instead of a check per key. The
     loss preset's keys (its class's arguments, no schema metadata) must be finite numbers too."""
     from grpo_utils.config import schema
 
-    sections: list[tuple[Any, type, str]] = [(cfg, schema.GRPOConfig, "")]
+    sections: list[tuple[Any, type, str]] = [(cfg, root or schema.GRPOConfig, "")]
     mode_cls = schema.AsyncModeConfig if OmegaConf.select(cfg, "mode.name") == "async" else schema.SyncModeConfig
     for name, cls in (("mode", mode_cls), ("logger", schema.LoggerConfig)):
-        if isinstance(cfg.get(name), DictConfig):
+        if name in cfg and isinstance(cfg[name], DictConfig):
             sections.append((cfg[name], cls, name + "."))
     while sections:
         node, cls, prefix = sections.pop(0)
@@ -183,7 +183,7 @@ def check_schema_values(cfg: DictConfig, no_effect: bool = False) -> None:
                 _check_effect(cfg, prefix + f.name, node[f.name], f)
             else:
                 _check_value(prefix + f.name, node[f.name], f)
-    loss = cfg.get("loss")
+    loss = cfg["loss"] if "loss" in cfg else None
     if isinstance(loss, DictConfig) and not no_effect:
         for name, value in loss.items():
             _require(not isinstance(value, float) or math.isfinite(value),

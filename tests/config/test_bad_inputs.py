@@ -469,3 +469,27 @@ def test_a_bad_line_exits_nonzero_with_one_line_on_stderr(env, tmp_path):
     proc = run_recipe(env, f"hydra.run.dir={tmp_path / 'r'}", "optimizer.lr=inf", check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "config error: optimizer.lr=inf must be a finite number in (0, 1]"
+
+
+# ------------------------------------------------------------------ grpo-eval.py, the same classes
+EVAL = [
+    ("generation.temperature=inf", "config error: generation.temperature=inf must be a finite number in (0, 100]"),
+    ("model.name='${nope}'", "config error: model.name: cannot resolve its interpolation"),
+    ("generation.max_new_tokens=100000", "config error: generation.max_new_tokens=100000 leaves no room for a prompt"),
+    ("env.prompt_format='{nope}'", "data error: env.prompt_format='{nope}' reads field 'nope'"),
+    ("env.prompt_format='{question'", "config error: env.prompt_format='{question' is not a valid format string"),
+]
+
+
+@table(EVAL)
+def test_eval_refuses_the_same_bad_inputs_before_loading(line, expected, tiny_dir, tmp_path):
+    from grpo_utils.config.cli import compose_jobs
+    from grpo_utils.eval.run import run_evaluation
+    from tests.config.test_command_lines import CONFIG
+
+    args = [f"model.name={tiny_dir}", *line.split()] if "model.name" not in line else line.split()
+    (cfg,) = compose_jobs(args, CONFIG, "grpo_eval", None)
+    with pytest.raises(GRPOError) as info:
+        run_evaluation(cfg, tmp_path)
+    message = info.value.one_line()
+    assert message.startswith(expected) and "\n" not in message, message
