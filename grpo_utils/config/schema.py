@@ -140,19 +140,25 @@ class OptimizerConfig:
 # ------------------------------------------------------------------------------------------ data
 @dataclass
 class QuickstartDataConfig:
-    num_train: int = key(5000, "generated training prompts (quickstart)", range=">= 1")
-    num_test: int = key(200, "generated held-out prompts, never seen in training (quickstart)", range=">= 1")
+    num_train: int = key(5000, "generated training prompts (quickstart)",
+                         range=">= 1", only_if="env.dataset=quickstart")
+    num_test: int = key(200, "generated held-out prompts, never seen in training (quickstart)",
+                        range=">= 1", only_if="env.dataset=quickstart")
 
 
 @dataclass
 class CountdownDataConfig:
-    num_train: int = key(10000, "generated training problems (countdown)", range=">= 1")
-    num_test: int = key(200, "generated held-out problems, never in training (countdown)", range=">= 1")
-    seed: int = key(0, "generation seed (countdown)")
-    min_numbers: int = key(3, "fewest numbers per problem (countdown)")
-    max_numbers: int = key(4, "most numbers per problem (countdown)")
-    max_number: int = key(99, "numbers are drawn from 1..max_number (countdown)", range=">= 1")
-    max_target: int = key(999, "targets are integers in 1..max_target (countdown)", range=">= 1")
+    num_train: int = key(10000, "generated training problems (countdown)",
+                         range=">= 1", only_if="env.dataset=countdown")
+    num_test: int = key(200, "generated held-out problems, never in training (countdown)",
+                        range=">= 1", only_if="env.dataset=countdown")
+    seed: int = key(0, "generation seed (countdown)", only_if="env.dataset=countdown")
+    min_numbers: int = key(3, "fewest numbers per problem (countdown)", only_if="env.dataset=countdown")
+    max_numbers: int = key(4, "most numbers per problem (countdown)", only_if="env.dataset=countdown")
+    max_number: int = key(99, "numbers are drawn from 1..max_number (countdown)",
+                          range=">= 1", only_if="env.dataset=countdown")
+    max_target: int = key(999, "targets are integers in 1..max_target (countdown)",
+                          range=">= 1", only_if="env.dataset=countdown")
 
 
 @dataclass
@@ -222,7 +228,8 @@ class AdvantageConfig:
 @dataclass
 class ShapingConfig:
     dynamic_sampling: bool = key(False, "keep only groups whose rewards differ, resampling to refill (DAPO)")
-    max_resample_rounds: int = key(0, "extra generation rounds per step to refill after dynamic sampling")
+    max_resample_rounds: int = key(0, "extra generation rounds per step to refill after dynamic sampling",
+                                   only_if="shaping.dynamic_sampling=true")
     overlong_mask: bool = key(False, "overlong filtering: truncated completions are left out of the loss")
     overlong_penalty: float = key(0.0, "soft overlong punishment factor added to the reward (0 = off)", range="<= 1000")
     overlong_cache_len: int | None = key(None, "its interval L_cache in tokens; null: max_new_tokens // 5")

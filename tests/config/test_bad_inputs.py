@@ -91,6 +91,12 @@ NO_EFFECT = [(f"inference_model.{key}", f"config error: inference_model.{key.spl
     ("train_model.lora.dropout=0.1", "config error: train_model.lora.dropout=0.1 has no effect"),
     ("train_model.lora.target_modules=all-linear", "config error: train_model.lora.target_modules=all-linear has no "
                                                    "effect"),
+    ("env.countdown.seed=3", "config error: env.countdown.seed=3 has no effect with env.dataset=quickstart (it "
+                             "applies only with env.dataset=countdown)"),
+    ("env.dataset=countdown env.quickstart.num_train=100", "config error: env.quickstart.num_train=100 has no effect "
+                                                           "with env.dataset=countdown"),
+    ("shaping.max_resample_rounds=3", "config error: shaping.max_resample_rounds=3 has no effect with "
+                                      "shaping.dynamic_sampling=false"),
 ]
 
 
@@ -106,6 +112,8 @@ def test_keys_without_effect_are_refused_saying_why(line, expected):
     "train_model.lora.r=8 train_model.lora.alpha=16",  # the defaults: not "set"
     "inference_model.backend=vllm inference_model.gpu_memory_utilization=0.5 inference_model.probe_every=3",
     "train_model.lora.enabled=true train_model.lora.r=16",
+    "env.dataset=countdown env.countdown.seed=3 env.quickstart.num_train=5000",
+    "shaping=dapo",  # sets max_resample_rounds with dynamic_sampling on
 ])
 def test_keys_at_their_default_or_where_they_apply_pass(line, monkeypatch):
     import importlib.util
