@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import BooleanNode
 
 from grpo_utils.errors import ConfigError
 
@@ -255,8 +256,10 @@ def _check_key(cfg: DictConfig, key: str) -> None:
 def _check_value(cfg: DictConfig, key: str, value) -> None:
     """The composed config keeps the schema's types: a value that does not fit fails here."""
     trial = cfg.copy()
-    node = OmegaConf.select(cfg, key)
-    if (isinstance(node, bool) and isinstance(value, (int, float)) and not isinstance(value, bool)
+    parent, _, leaf = key.rpartition(".")
+    container = OmegaConf.select(cfg, parent) if parent else cfg
+    node = container._get_node(leaf) if isinstance(container, DictConfig) and leaf in container else None
+    if (isinstance(node, BooleanNode) and isinstance(value, (int, float)) and not isinstance(value, bool)
             and value not in (0, 1)):  # OmegaConf would read any number as a bool (2 -> true)
         raise ConfigError(f"{key}={value!r}: expected true or false")
     try:

@@ -50,6 +50,11 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(mode == "async" or cfg.mode.ray or cfg.mode.sync_iter,
              "mode.sync_iter=false needs mode.ray=true: locally the generator is the training module, so "
              "there is no separate generator to run ahead (or use grpo-async.py)")
+    resume = cfg.resume
+    _require(resume is None or isinstance(resume, (bool, str)),
+             f"resume={resume!r}: expected true, false, must, or a checkpoint or run directory")
+    _require(not isinstance(resume, str) or resume.strip() != "",
+             "resume is empty; expected true, false, must, or a checkpoint or run directory")
     _require(0 <= cfg.seed <= SEED_MAX, f"seed={cfg.seed} must be in [0, 2**32-1] (numpy and PYTHONHASHSEED "
                                         "accept no other seeds)")
     _require(cfg.logger.backend in LOGGERS,

@@ -72,6 +72,8 @@ NUMBERS = [
                                               "false"),
     ("logger.log_every=0", "config error: logger.log_every=0 must be >= 1"),
     ("num_threads=-2", "config error: num_threads=-2 must be >= 0"),
+    ("resume=5", "config error: resume=5: expected true, false, must, or a checkpoint or run directory"),
+    ("resume=[a]", "config error: resume=['a']: expected true, false, must"),
 ]
 
 
