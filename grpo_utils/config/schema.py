@@ -426,5 +426,8 @@ def describe(cls: type = GRPOConfig, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         type_name = getattr(f.type, "__name__", str(f.type)).replace("typing.", "")
-        lines.append(f"{name}: {type_name} = {default!r}  # {f.metadata.get('doc', '')}")
+        only_if = f.metadata.get("only_if")
+        rules = [r for r in (f.metadata.get("range"), only_if and f"only with {only_if}") if r]
+        rules_text = f" [{'; '.join(rules)}]" if rules else ""
+        lines.append(f"{name}: {type_name} = {default!r}  # {f.metadata.get('doc', '')}{rules_text}")
     return lines
