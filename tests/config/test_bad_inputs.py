@@ -472,6 +472,7 @@ def test_config_level_input_is_one_line(line, expected):
     assert refused(line).startswith(expected)
 
 
+@pytest.mark.slow
 def test_a_bad_line_exits_nonzero_with_one_line_on_stderr(env, tmp_path):
     """End to end, once: the recipe process itself (exit status, stderr) for a bad input."""
     from tests.helpers import run_recipe
