@@ -95,7 +95,7 @@ def renamed(key: str) -> str | None:
     return None
 
 
-def _split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     """``--config-name`` and the overrides of a Hydra command line (flags dropped)."""
     config_name, overrides, skip = None, [], False
     for i, arg in enumerate(argv):
@@ -122,7 +122,7 @@ def check_command_line(argv: list[str], config_dir: str | Path, default_config: 
 
     import grpo_utils.config  # noqa: F401  (registers the schema)
 
-    config_name, args = _split_argv(argv)
+    config_name, args = split_argv(argv)
     check_config_name(argv, config_dir, config_name)
     parser = OverridesParser.create()
     try:
@@ -279,7 +279,7 @@ def compose_jobs(argv: list[str], config_dir: str | Path, default_config: str,
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     check_command_line(argv, config_dir, default_config)
-    config_name, args = _split_argv(argv)
+    config_name, args = split_argv(argv)
     if mode and not any(a.split("=", 1)[0] == "mode" for a in args):
         args = [*args, f"mode={mode}"]
     parsed = OverridesParser.create().parse_overrides(args)
