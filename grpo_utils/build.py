@@ -47,9 +47,11 @@ def reward(cfg: DictConfig):
 
 def rows(env_cfg: DictConfig, heldout_size: int):
     """Training and held-out rows (``.skipped`` counts malformed rows skipped with skip_bad_rows)."""
-    from grpo_utils.data.datasets import Rows, load_split
+    from grpo_utils.data.datasets import Rows, check_prompt_fields, load_split
 
     train, test = load_split(env_cfg, "train"), load_split(env_cfg, "test")
+    for split, split_rows in (("train", train), ("test", test)):
+        check_prompt_fields(env_cfg.get("prompt_format") or "{question}", split_rows, split)
     if heldout_size:
         lines = None if test.lines is None else test.lines[:heldout_size]
         test = Rows(test[:heldout_size], skipped=test.skipped, source=test.source, lines=lines)

@@ -33,13 +33,31 @@ def launch(main: Callable[[], None], mode: str | None, config_dir: str | Path,
            default_config: str = "grpo_quickstart") -> None:
     """Run a recipe's ``@hydra.main`` function: with ``mode=<mode>`` unless the command line picks
     a mode itself (each recipe defaults to its own mode whatever ``--config-name`` says), after
-    checking the command line's keys and values against the config (one line, before Hydra)."""
+    checking the command line's keys and values against the config (one line, before Hydra): the
+    config name and directory, and, for a ``-m`` sweep, every job through the pre-load checks."""
     if mode and not any(arg.split("=", 1)[0].lstrip("+~") == "mode" for arg in sys.argv[1:]):
         sys.argv.append(f"mode={mode}")
     own_configs = any(arg.split("=", 1)[0] in ("--config-path", "-cp", "--config-dir", "-cd") for arg in sys.argv)
-    if not own_configs:
-        from grpo_utils.config.cli import check_command_line
+    from grpo_utils.config.cli import check_command_line, check_config_name, split_argv
 
-        with exit_on_error():
+    with exit_on_error():
+        if own_configs:
+            check_config_name(sys.argv[1:], config_dir, split_argv(sys.argv[1:])[0])
+        else:
             check_command_line(sys.argv[1:], config_dir, default_config)
+            if mode and any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+                check_sweep(sys.argv[1:], config_dir, default_config, mode)
     main()
+
+
+def check_sweep(argv: list[str], config_dir: str | Path, default_config: str, mode: str) -> None:
+    """A ``-m`` sweep: every job's config passes the pre-load checks before job 0 starts (a bad
+    value in job 3 would otherwise stop the sweep after jobs 0-2 trained)."""
+    from grpo_utils.config.cli import compose_jobs
+    from grpo_utils.train.run import check_run
+
+    for i, cfg in enumerate(compose_jobs(argv, config_dir, default_config, mode)):
+        try:
+            check_run(cfg, mode)
+        except GRPOError as e:
+            raise type(e)(f"sweep job {i}: {e}") from None

@@ -69,13 +69,15 @@ class GRPOConfig:
             if not _is(value, expected):
                 names = " or ".join("None" if t is type(None) else t.__name__ for t in expected)
                 raise ConfigError(f"GRPOConfig.{f.name}={value!r}: expected {names}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"GRPOConfig.{f.name}={value!r} must be a finite number")
         for name, ok, what in [
             ("num_generations_per_prompt", self.num_generations_per_prompt >= 2, ">= 2 (a group needs two samples)"),
             ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
             ("temperature", self.temperature > 0, "> 0"),
             ("top_k", self.top_k >= 0, ">= 0"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("learning_rate", 0 < self.learning_rate <= 1, "in (0, 1]"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("num_epochs", self.num_epochs > 0 and math.isfinite(self.num_epochs), "> 0"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
@@ -108,6 +110,29 @@ class GRPOConfig:
             lines.append(f"{f.name} = {default!r}{key}  # {f.metadata['doc']}")
         return "\n".join(lines)
 
+
+def _checked_init(init):
+    """``GRPOConfig(...)`` with a name that is not a field is a :class:`ConfigError` naming it (and
+    the closest field), not the dataclass's bare ``TypeError``."""
+    import difflib
+    import functools
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for name in kwargs:
+            if name not in _TYPES:
+                close = difflib.get_close_matches(name, list(_TYPES), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else "; GRPOConfig.describe() lists the fields"
+                raise ConfigError(f"GRPOConfig got an unknown field {name!r}{hint}; other recipe keys go in "
+                                  "overrides=['key=value']")
+        if len(args) > len(_TYPES):
+            raise ConfigError(f"GRPOConfig takes at most {len(_TYPES)} positional values; name them")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+GRPOConfig.__init__ = _checked_init(GRPOConfig.__init__)
 
 # The types each field accepts (bool is not an int here; an int is a float).
 _TYPES: dict[str, tuple[type, ...]] = {

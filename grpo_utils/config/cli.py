@@ -7,10 +7,12 @@ Hydra's ``Key '...' is not in struct`` or its multi-line parse error.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import BooleanNode
 
 from grpo_utils.errors import ConfigError
 
@@ -92,7 +94,7 @@ def renamed(key: str) -> str | None:
     return None
 
 
-def _split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     """``--config-name`` and the overrides of a Hydra command line (flags dropped)."""
     config_name, overrides, skip = None, [], False
     for i, arg in enumerate(argv):
@@ -119,17 +121,23 @@ def check_command_line(argv: list[str], config_dir: str | Path, default_config: 
 
     import grpo_utils.config  # noqa: F401  (registers the schema)
 
-    config_name, args = _split_argv(argv)
+    config_name, args = split_argv(argv)
+    check_config_name(argv, config_dir, config_name)
     parser = OverridesParser.create()
     try:
         parsed = parser.parse_overrides(args)
     except Exception:
         _syntax_error(parser, args)
         return
-    values, groups, adds = [], [], []
+    values, groups, adds, deletes = [], [], [], []
     for override in parsed:
         key = override.key_or_group
-        if key.startswith("hydra") or override.is_delete() or override.is_force_add():
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and not override.is_sweep_override():
+            check_run_dir(key, str(override.value()))
+        if key.startswith("hydra") or override.is_force_add():
+            continue
+        if override.is_delete():
+            deletes.append(key)
             continue
         if override.is_add():  # +key=value: only into a free-form section (reward options), not the schema's
             adds.append(key)
@@ -147,6 +155,12 @@ def check_command_line(argv: list[str], config_dir: str | Path, default_config: 
                 raise ConfigError(f"{group}={choice} is unknown; expected one of {', '.join(options)}")
     with initialize_config_dir(config_dir=str(config_dir.resolve()), version_base="1.3"):
         base = compose(config_name or default_config, overrides=[f"{g}={c[0]}" for g, c in groups])
+    for key in deletes:
+        _check_key(base, key)
+        parent = OmegaConf.select(base, key.rpartition(".")[0]) if "." in key else base
+        if key not in GROUPS and isinstance(parent, DictConfig) and OmegaConf.get_type(parent) not in (dict, None):
+            raise ConfigError(f"~{key}: a key of the schema cannot be deleted (every key has a default and is read); "
+                              f"set it instead ({key}=<value>, or null where allowed)")
     for key in adds:
         parent = OmegaConf.select(base, key.rpartition(".")[0]) if "." in key else base
         if isinstance(parent, DictConfig) and OmegaConf.get_type(parent) not in (dict, None) and key not in parent:
@@ -155,6 +169,47 @@ def check_command_line(argv: list[str], config_dir: str | Path, default_config: 
         _check_key(base, key)
         for choice in choices:
             _check_value(base, key, choice)
+
+
+def check_config_name(argv: list[str], config_dir: str | Path, config_name: str | None) -> None:
+    """``--config-name`` names a file of ``config_dir`` (or of a ``--config-dir`` given too), and
+    ``--config-dir`` / ``--config-path`` a directory: one line instead of Hydra's traceback."""
+    dirs = [Path(config_dir)]
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        if flag in ("--config-dir", "-cd", "--config-path", "-cp"):
+            value = value if _ else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not value:
+                raise ConfigError(f"{flag} needs a directory")
+            path = Path(value).expanduser()
+            if not path.is_dir():
+                raise ConfigError(f"{flag}={value}: no such directory; expected the directory of your config YAML "
+                                  "files")
+            dirs.append(path)
+        # (the launcher appends mode=<mode>: a bare --config-name at the end would take it as the name)
+        if arg in ("--config-name", "-cn") and (i + 1 >= len(argv) or argv[i + 1].startswith("-")
+                                                 or "=" in argv[i + 1]):
+            raise ConfigError(f"{arg} needs a config name, e.g. {arg} grpo_gsm8k")
+    if config_name is None:
+        return
+    name = config_name[:-5] if config_name.endswith(".yaml") else config_name
+    if not any((d / f"{name}.yaml").is_file() for d in dirs):
+        known = sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
+        raise ConfigError(f"--config-name {config_name}: no {name}.yaml in {', '.join(map(str, dirs))}; expected one "
+                          f"of {', '.join(known)}")
+
+
+def check_run_dir(key: str, value: str) -> None:
+    """``hydra.run.dir`` can be created: no part of it is a file, and its first existing parent
+    is writable (Hydra would fail with a traceback when it makes the directory)."""
+    path = Path(value).expanduser()
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{key}={value}: {parent} is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key}={value}: cannot create it in {parent} (not writable)")
+            return
 
 
 def _syntax_error(parser, args: list[str]) -> None:
@@ -200,6 +255,12 @@ def _check_key(cfg: DictConfig, key: str) -> None:
 def _check_value(cfg: DictConfig, key: str, value) -> None:
     """The composed config keeps the schema's types: a value that does not fit fails here."""
     trial = cfg.copy()
+    parent, _, leaf = key.rpartition(".")
+    container = OmegaConf.select(cfg, parent) if parent else cfg
+    node = container._get_node(leaf) if isinstance(container, DictConfig) and leaf in container else None
+    if (isinstance(node, BooleanNode) and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value not in (0, 1)):  # OmegaConf would read any number as a bool (2 -> true)
+        raise ConfigError(f"{key}={value!r}: expected true or false")
     try:
         OmegaConf.update(trial, key, value, merge=True)
     except OmegaConfBaseException as e:
@@ -217,7 +278,7 @@ def compose_jobs(argv: list[str], config_dir: str | Path, default_config: str,
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     check_command_line(argv, config_dir, default_config)
-    config_name, args = _split_argv(argv)
+    config_name, args = split_argv(argv)
     if mode and not any(a.split("=", 1)[0] == "mode" for a in args):
         args = [*args, f"mode={mode}"]
     parsed = OverridesParser.create().parse_overrides(args)

@@ -3,19 +3,23 @@ with one line naming the key."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import random
-from pathlib import Path
+import re
+from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from grpo_utils.algo.advantages import check_advantage_config
 from grpo_utils.algo.shaping import RolloutShaping
 from grpo_utils.data.datasets import DATASET_REWARDS, DataError, validate_env
 from grpo_utils.distributed.resources import check_mode_options, host_port
 from grpo_utils.errors import ConfigError
+from grpo_utils.models.check import ModelInfo, check_model_name
 from grpo_utils.models.loading import BUILTIN_PREFIX, DTYPES
 from grpo_utils.rewards import plan_reward
 from grpo_utils.train.trainer import MIXED_PRECISION
@@ -35,6 +39,8 @@ def _require(ok: bool, msg: str) -> None:
 def validate(cfg: DictConfig, mode: str) -> None:
     """Raise :class:`ConfigError` on the first problem found. Keys and types were checked when
     Hydra merged the config into the schema; this checks values and how they fit together."""
+    resolve_all(cfg)
+    check_schema_values(cfg)
     _require(cfg.mode.name == mode,
              f"mode={cfg.mode.name} cannot run with grpo-{mode}.py; use grpo-{cfg.mode.name}.py or mode={mode}")
     try:
@@ -44,12 +50,15 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(mode == "async" or cfg.mode.ray or cfg.mode.sync_iter,
              "mode.sync_iter=false needs mode.ray=true: locally the generator is the training module, so "
              "there is no separate generator to run ahead (or use grpo-async.py)")
+    resume = cfg.resume
+    _require(resume is None or isinstance(resume, (bool, str)),
+             f"resume={resume!r}: expected true, false, must, or a checkpoint or run directory")
+    _require(not isinstance(resume, str) or resume.strip() != "",
+             "resume is empty; expected true, false, must, or a checkpoint or run directory")
     _require(0 <= cfg.seed <= SEED_MAX, f"seed={cfg.seed} must be in [0, 2**32-1] (numpy and PYTHONHASHSEED "
                                         "accept no other seeds)")
     _require(cfg.logger.backend in LOGGERS,
              f"logger.backend={cfg.logger.backend!r} is unknown; expected one of {', '.join(LOGGERS)}")
-    _require(OmegaConf.select(cfg, "logger.log_every", default=1) >= 1,
-             f"logger.log_every={OmegaConf.select(cfg, 'logger.log_every')} must be >= 1")
     name = cfg.model.name
     _require(not name.startswith("builtin:") or name == "builtin:quickstart",
              f"model.name={name!r} is unknown; the only builtin is 'builtin:quickstart'")
@@ -73,9 +82,6 @@ def validate(cfg: DictConfig, mode: str) -> None:
         plan_reward(reward_config(cfg))  # the reward validates its own options (one line naming the key)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _require(env.num_prompts >= 1, f"env.num_prompts={env.num_prompts} must be >= 1")
-    _require(env.group_size >= 2,
-             f"env.group_size={env.group_size} must be >= 2 (advantages are relative to the group)")
 
     is_correction = OmegaConf.select(cfg, "loss.is_correction", default="none")
     engine = rollout_class(cfg)
@@ -87,13 +93,16 @@ def validate(cfg: DictConfig, mode: str) -> None:
     _require(not engine.needs_chat_template or template == "chat",
              f"rollout={engine.__name__} needs the chat template (TorchRL's ChatEnv renders chats)")
     gen = cfg.generation
-    _require(gen.max_new_tokens >= 1, f"generation.max_new_tokens={gen.max_new_tokens} must be >= 1")
-    _require(gen.temperature > 0, f"generation.temperature={gen.temperature} must be > 0")
-    _require(0 < gen.top_p <= 1, f"generation.top_p={gen.top_p} must be in (0, 1]")
-    _require(gen.top_k >= 0, f"generation.top_k={gen.top_k} must be >= 0 (0 = unrestricted)")
     _require(0 <= gen.min_new_tokens <= gen.max_new_tokens,
              f"generation.min_new_tokens={gen.min_new_tokens} must be in [0, max_new_tokens]")
 
+    sh = cfg.shaping
+    if sh.overlong_penalty > 0 and sh.overlong_cache_len is not None:
+        _require(sh.overlong_cache_len <= gen.max_new_tokens,
+                 f"shaping.overlong_cache_len={sh.overlong_cache_len} exceeds the completion budget "
+                 f"generation.max_new_tokens={gen.max_new_tokens}; the punishment interval lies within it")
+    check_loss(cfg)
+    logger_class(cfg)
     try:
         check_advantage_config(cfg.advantage.estimator, cfg.advantage.scale, cfg.advantage.eps)
         RolloutShaping(**OmegaConf.to_container(cfg.shaping, resolve=True))
@@ -102,8 +111,6 @@ def validate(cfg: DictConfig, mode: str) -> None:
 
     t = cfg.train
     rollout_size = env.num_prompts * env.group_size
-    _require(t.max_steps >= 1, f"train.max_steps={t.max_steps} must be >= 1")
-    _require(t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1")
     _require(t.optim_batch_size >= 1 and rollout_size % t.optim_batch_size == 0,
              f"train.optim_batch_size={t.optim_batch_size} must divide the rollout size "
              f"env.num_prompts*env.group_size={rollout_size}")
@@ -111,34 +118,109 @@ def validate(cfg: DictConfig, mode: str) -> None:
              f"train.optim_batch_size={t.optim_batch_size} is not divisible by "
              f"train.grad_accum_steps={t.grad_accum_steps}")
     if t.max_tokens_per_micro_batch is not None:
-        _require(t.max_tokens_per_micro_batch >= 1,
-                 f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} must be >= 1 (or null)")
         _require(t.grad_accum_steps == 1, f"train.max_tokens_per_micro_batch={t.max_tokens_per_micro_batch} forms "
                  f"the micro-batches by token count; train.grad_accum_steps={t.grad_accum_steps} would have no "
                  "effect (leave it at 1)")
     o = cfg.optimizer
     _require(o.name in OPTIMIZERS, f"optimizer.name={o.name!r} is unknown; expected one of {', '.join(OPTIMIZERS)}")
-    _require(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
-    _require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
              f"optimizer.betas={list(o.betas)} must be two values in [0, 1)")
-    _require(o.eps > 0, f"optimizer.eps={o.eps} must be > 0")
-    _require(o.clip_grad_norm > 0, f"optimizer.clip_grad_norm={o.clip_grad_norm} must be > 0")
-    _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
-    _require(0 <= o.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
 
-    _require(cfg.checkpoint.every_n_steps >= 0, f"checkpoint.every_n_steps={cfg.checkpoint.every_n_steps} must be >= 0")
     _require(cfg.checkpoint.keep_last is None or cfg.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1 or null")
     _require(cfg.checkpoint.layout in ("run_dir", "hf"),
              f"checkpoint.layout={cfg.checkpoint.layout!r} is unknown; expected run_dir or hf")
-    _require(cfg.eval.every_n_steps >= 0, f"eval.every_n_steps={cfg.eval.every_n_steps} must be >= 0")
-    _require(cfg.eval.heldout_size >= 0, f"eval.heldout_size={cfg.eval.heldout_size} must be >= 0")
     _require(cfg.eval.k >= 0, f"eval.k={cfg.eval.k} must be >= 0 (0 = greedy accuracy only)")
-    _require(cfg.eval.temperature > 0, f"eval.temperature={cfg.eval.temperature} must be > 0")
-    _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
-    _require(cfg.num_threads >= 0, f"num_threads={cfg.num_threads} must be >= 0")
     resolve_device(cfg.device)
+    check_schema_values(cfg, no_effect=True)
+
+
+def resolve_all(cfg: DictConfig) -> None:
+    """Every interpolation (``${...}``, ``${oc.env:...}``) resolves; one line naming the key that
+    does not (instead of a traceback wherever the key is first read, possibly after a model loaded)."""
+    from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:
+        detail = str(e).strip().splitlines()[0]
+        detail = re.sub(r"^\w+ raised while resolving interpolation: ", "", detail).strip('"')
+        key = e.full_key or "?"
+        raise ConfigError(f"{key}: cannot resolve its interpolation ({detail})") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{e.full_key or 'config'}: {str(e).strip().splitlines()[0]}") from None
+
+
+_RANGE = re.compile(r"^(?:(?P<op>>=|<=|>|<) *(?P<bound>\S+)|in (?P<lo_b>[\[(]) *(?P<lo>[^,]+), *(?P<hi>[^\])]+)"
+                    r"(?P<hi_b>[\])]))")
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether ``value`` satisfies a schema ``range`` (``"> 0"``, ``"in (0, 1]"``, a note may follow)."""
+    m = _RANGE.match(spec)
+    if m is None:
+        raise ValueError(f"bad range spec {spec!r}")
+    if m["op"]:
+        bound = float(m["bound"])
+        return {">": value > bound, ">=": value >= bound, "<": value < bound, "<=": value <= bound}[m["op"]]
+    lo, hi = float(m["lo"]), float(m["hi"])
+    above = value > lo if m["lo_b"] == "(" else value >= lo
+    return above and (value < hi if m["hi_b"] == ")" else value <= hi)
+
+
+def check_schema_values(cfg: DictConfig, no_effect: bool = False, root: type | None = None) -> None:
+    """Every key's declared ``range`` and finiteness (or, with ``no_effect``, its ``only_if``:
+    checked last, so a value's own problem is named first) from :func:`grpo_utils.config.schema.key`,
+    walked over the schema: one place for what a number may be, instead of a check per key. The
+    loss preset's keys (its class's arguments, no schema metadata) must be finite numbers too."""
+    from grpo_utils.config import schema
+
+    sections: list[tuple[Any, type, str]] = [(cfg, root or schema.GRPOConfig, "")]
+    mode_cls = schema.AsyncModeConfig if OmegaConf.select(cfg, "mode.name") == "async" else schema.SyncModeConfig
+    for name, cls in (("mode", mode_cls), ("logger", schema.LoggerConfig)):
+        if name in cfg and isinstance(cfg[name], DictConfig):
+            sections.append((cfg[name], cls, name + "."))
+    while sections:
+        node, cls, prefix = sections.pop(0)
+        for f in dataclasses.fields(cls):
+            if f.name not in node:
+                continue
+            if dataclasses.is_dataclass(f.type) and isinstance(f.type, type):
+                sections.append((node[f.name], f.type, prefix + f.name + "."))
+                continue
+            if no_effect:
+                _check_effect(cfg, prefix + f.name, node[f.name], f)
+            else:
+                _check_value(prefix + f.name, node[f.name], f)
+    loss = cfg["loss"] if "loss" in cfg else None
+    if isinstance(loss, DictConfig) and not no_effect:
+        for name, value in loss.items():
+            _require(not isinstance(value, float) or math.isfinite(value),
+                     f"loss.{name}={value} must be a finite number")
+
+
+def _check_value(key: str, value: Any, f: dataclasses.Field) -> None:
+    spec, finite = f.metadata.get("range"), f.metadata.get("finite", True)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    nullable = "null or " if f.default is None else ""
+    if number and finite and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number" + (f" {spec}" if spec else ""))
+    if number and spec:
+        _require(in_range(value, spec), f"{key}={value} must be {nullable}{spec}")
+
+
+def _check_effect(cfg: DictConfig, key: str, value: Any, f: dataclasses.Field) -> None:
+    """A key set (to other than its default) where it has no effect is refused, not ignored."""
+    only_if = f.metadata.get("only_if")
+    if only_if:
+        cond_key, _, wanted = only_if.partition("=")
+        actual = OmegaConf.select(cfg, cond_key)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        plain = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+        shown = str(actual).lower() if isinstance(actual, bool) else actual
+        _require(str(shown) == wanted or plain == default,
+                 f"{key}={plain} has no effect with {cond_key}={shown} (it applies only with {only_if}); "
+                 f"remove it or set {only_if}")
 
 
 def validate_ranks(cfg: DictConfig, mode: str) -> None:
@@ -147,7 +229,6 @@ def validate_ranks(cfg: DictConfig, mode: str) -> None:
     n, nodes = tm.num_devices, tm.num_nodes
     _require(nodes >= 1 and n % nodes == 0,
              f"train_model.num_nodes={nodes} must be >= 1 and divide train_model.num_devices={n} (ranks per node)")
-    _require(tm.timeout_s > 0, f"train_model.timeout_s={tm.timeout_s} must be > 0")
     _require(tm.fsdp_param_dtype in (None, "bfloat16", "float32"),
              f"train_model.fsdp_param_dtype={tm.fsdp_param_dtype!r}; expected null, bfloat16 or float32")
     _require(tm.fsdp_param_dtype is None or n > 1,
@@ -168,6 +249,21 @@ def validate_ranks(cfg: DictConfig, mode: str) -> None:
         _require(cfg.inference_model.backend != "vllm" or mode == "async" or cfg.mode.ray,
                  f"inference_model.backend=vllm with train_model.num_devices={n} needs the engine in a collector "
                  "(mode.ray=true or grpo-async.py): it cannot share rank 0's process with the trainer ranks")
+    per_node = n // nodes
+    if per_node > 1 and resolve_device(cfg.device).type == "cpu":
+        cores = usable_cores()
+        _require(per_node <= cores,
+                 f"train_model.num_devices={n} CPU ranks{f' over {nodes} nodes' if nodes > 1 else ''} is "
+                 f"{per_node} per node, but this machine gives the process {cores} cores; use at most {cores} "
+                 "(each CPU rank needs a core of its own)")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity, e.g. a scheduler's allocation), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def validate_ref_model(ref: DictConfig) -> None:
@@ -193,9 +289,6 @@ def validate_ref_model(ref: DictConfig) -> None:
 def validate_lora(lora: DictConfig) -> None:
     """``train_model.lora.*`` values (checked even when disabled, so a typo shows at once). Whether
     each target module exists is checked against the model when LoRA is applied."""
-    _require(lora.r >= 1, f"train_model.lora.r={lora.r} must be >= 1")
-    _require(lora.alpha > 0, f"train_model.lora.alpha={lora.alpha} must be > 0")
-    _require(0 <= lora.dropout < 1, f"train_model.lora.dropout={lora.dropout} must be in [0, 1)")
     targets = lora.target_modules
     if isinstance(targets, str):
         _require(targets == "all-linear", f"train_model.lora.target_modules={targets!r}: expected a list of layer "
@@ -238,18 +331,6 @@ def validate_inference(cfg: DictConfig) -> None:
                                       f"{', '.join(BACKENDS)}")
     _require(inf.dtype is None or inf.dtype in DTYPES,
              f"inference_model.dtype={inf.dtype!r}; expected null or one of {', '.join(DTYPES)}")
-    checks = [
-        (inf.max_model_len is None or inf.max_model_len >= 1, f"inference_model.max_model_len={inf.max_model_len} "
-                                                               "must be null or >= 1"),
-        (inf.gpu_memory_utilization is None or 0 < inf.gpu_memory_utilization <= 1,
-         f"inference_model.gpu_memory_utilization={inf.gpu_memory_utilization} must be null or in (0, 1]"),
-        (inf.cpu_kv_cache_gib > 0, f"inference_model.cpu_kv_cache_gib={inf.cpu_kv_cache_gib} must be > 0"),
-        (inf.probe_every >= 0, f"inference_model.probe_every={inf.probe_every} must be >= 0 (0: never)"),
-        (inf.probe_tolerance is None or inf.probe_tolerance > 0,
-         f"inference_model.probe_tolerance={inf.probe_tolerance} must be null or > 0"),
-    ]
-    for ok, msg in checks:
-        _require(ok, msg)
     try:
         check_replicas(cfg)
     except ValueError as e:
@@ -278,7 +359,7 @@ def check_placement(cfg: DictConfig, mode: str, needs_reference: bool) -> None:
     _require(ref.num_devices <= 1, f"ref_model.num_devices={ref.num_devices}: a reference over several devices is "
                                    "not supported (it only runs forward passes); use ref_model.num_devices=1")
     if ref.path is not None:
-        check_model_name(ref.path, key="ref_model.path")
+        check_model_name(ref.path, key="ref_model.path", tokenizer=False)
     _require(not cfg.inference_model.num_devices or mode == "async" or cfg.mode.ray,
              f"inference_model.num_devices={cfg.inference_model.num_devices:g} needs mode.ray=true or grpo-async.py: "
              "locally the generator is the training module, on its device")
@@ -300,6 +381,55 @@ def rollout_class(cfg: DictConfig) -> type:
     return cls
 
 
+def loss_class(cfg: DictConfig) -> type:
+    """The class ``loss._target_`` names: importable and a :class:`~grpo_utils.algo.losses.PolicyLoss`
+    (checked now, not when the loss is first called, after the model loaded)."""
+    from hydra.utils import get_class
+
+    from grpo_utils.algo.losses import PolicyLoss
+
+    target = OmegaConf.select(cfg, "loss._target_")
+    if target is None:
+        return PolicyLoss
+    try:
+        cls = get_class(target)
+    except Exception as e:
+        raise ConfigError(f"loss._target_={target} cannot be imported ({str(e).splitlines()[0]})") from None
+    _require(isinstance(cls, type) and issubclass(cls, PolicyLoss),
+             f"loss._target_={target} must be a PolicyLoss subclass (grpo_utils.algo.losses), e.g. the presets' "
+             "grpo_utils.algo.losses.ClippedSurrogateLoss")
+    return cls
+
+
+def check_loss(cfg: DictConfig) -> None:
+    """The loss built once from ``loss.*`` (no model needed), so that its own argument checks (a
+    choice, a range) stop the run before any model loads rather than when the loop builds it."""
+    from grpo_utils.algo.losses import PolicyLoss, build_loss
+
+    cls = loss_class(cfg)
+    if not isinstance(cfg.get("loss"), DictConfig):
+        return
+    kwargs = OmegaConf.to_container(cfg.loss, resolve=True)
+    kwargs.pop("_target_", None)
+    try:
+        cls(**kwargs) if cls is not PolicyLoss else build_loss(kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"loss: {e}") from None
+
+
+def logger_class(cfg: DictConfig) -> type:
+    """The class ``logger._target_`` names, importable now (the logger is built after the model loads)."""
+    from hydra.utils import get_class
+
+    target = OmegaConf.select(cfg, "logger._target_")
+    try:
+        cls = get_class(target)
+    except Exception as e:
+        raise ConfigError(f"logger._target_={target} cannot be imported ({str(e).splitlines()[0]})") from None
+    _require(isinstance(cls, type), f"logger._target_={target} is not a class")
+    return cls
+
+
 def reward_config(cfg: DictConfig) -> dict:
     """The ``reward`` section with ``name: null`` replaced by the dataset's own reward, so that
     ``env.dataset=X`` alone never trains on a reward that cannot score X's rows."""
@@ -313,23 +443,69 @@ def reward_config(cfg: DictConfig) -> dict:
     return reward
 
 
-def check_model_name(name: str, key: str = "model.name") -> None:
-    """``model.name`` (or the model path ``key`` names) that names a local directory (it exists, or
-    it is written as a path: absolute, ``./``, ``../``, ``~``, or more parts than a hub ``org/name``)
-    must be a model directory (``config.json``); anything else is left to the hub. No network."""
-    if name.startswith(BUILTIN_PREFIX):
+def check_models(cfg: DictConfig, needs_reference: bool) -> ModelInfo | None:
+    """``model.name`` (and a ``ref_model.path`` in use) read as far as can be without loading
+    (:func:`grpo_utils.models.check.check_model_name`), and the settings that must fit the model:
+    the completion budget within its context, a LoRA rank within its width, a reference of the
+    same vocabulary. Returns the policy's :class:`ModelInfo` (None where nothing can be read)."""
+    info = check_model_name(cfg.model.name)
+    if info is None:
+        return None
+    where = f"model.name={cfg.model.name}'s config.json"
+    gen = cfg.generation
+    if info.context:
+        _require(gen.max_new_tokens < info.context,
+                 f"generation.max_new_tokens={gen.max_new_tokens} leaves no room for a prompt in the model's context "
+                 f"of {info.context} positions ({where}); expected < {info.context}")
+    lora = cfg.train_model.lora
+    if lora.enabled and info.hidden_size:
+        _require(lora.r <= info.hidden_size,
+                 f"train_model.lora.r={lora.r} exceeds the model's width hidden_size={info.hidden_size} ({where}); "
+                 "an adapter's rank is at most the width of the layers it adapts (typically 8-64)")
+    if cfg.ref_model.path is not None and needs_reference:
+        ref = check_model_name(cfg.ref_model.path, key="ref_model.path", tokenizer=False)
+        if ref is not None and ref.vocab_size and info.vocab_size:
+            _require(ref.vocab_size == info.vocab_size,
+                     f"ref_model.path={cfg.ref_model.path} has vocab_size={ref.vocab_size}, the policy "
+                     f"{info.vocab_size} ({where}); the KL needs the same vocabulary")
+    return info
+
+
+def check_sizes(cfg: DictConfig) -> None:
+    """Sizes that cannot fit this machine's memory, refused now (they would otherwise run for
+    minutes before a memory error): a lower bound of what the generated rows and one rollout
+    batch take, against the machine's RAM."""
+    total = memory_bytes()
+    if total is None:
         return
-    path = Path(name).expanduser()
-    if path.is_dir():
-        _require((path / "config.json").is_file(),
-                 f"{key}={name} is a directory without config.json; expected a Hugging Face model directory "
-                 "(e.g. a run's final_model/ or checkpoints/step_<N>/) or a hub name org/name")
-        return
-    _require(not path.exists(), f"{key}={name} is a file; expected a model directory or a hub name org/name")
-    looks_local = (name.startswith(("/", "./", "../", "~")) or name in (".", "..")
-                   or name.count(os.sep) > 1 or (os.altsep is not None and os.altsep in name))
-    _require(not looks_local, f"{key}={name}: no such directory; expected a local model directory or a hub "
-                              "name org/name")
+    gib = total / 2**30
+    env, gen = cfg.env, cfg.generation
+    tokens = f"(generation.max_new_tokens={gen.max_new_tokens} + 1) tokens"
+    sizes = [(f"env.{name}.{part}={OmegaConf.select(env, f'{name}.{part}')} rows",
+              OmegaConf.select(env, f"{name}.{part}") * ROW_BYTES)
+             for name in ("quickstart", "countdown") if env.dataset == name for part in ("num_train", "num_test")]
+    sizes.append((f"env.num_prompts={env.num_prompts} x env.group_size={env.group_size} x {tokens}",
+                   env.num_prompts * env.group_size * (gen.max_new_tokens + 1) * TOKEN_BYTES))
+    sizes.append((f"eval.batch_size={cfg.eval.batch_size} x {tokens}",
+                  cfg.eval.batch_size * (gen.max_new_tokens + 1) * TOKEN_BYTES))
+    for what, need in sizes:
+        _require(need <= total, f"{what} need at least {need / 2**30:,.0f} GiB, but this machine has {gib:.1f} GiB "
+                                "of memory")
+
+
+#: Lower bounds of the memory a generated row and a sampled token take (a row is a dict of a few
+#: strings; a token is its id, mask, log-prob and advantage in several tensors): the size check
+#: refuses only what cannot fit even so.
+ROW_BYTES = 300
+TOKEN_BYTES = 32
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import random
 import re
+import string
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -114,14 +116,30 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_constant=_not_a_json_number, parse_float=_finite_float)
             except json.JSONDecodeError as e:
                 yield lineno, BadRow(f"not valid JSON ({e.msg})")
+                continue
+            except BadRow as e:
+                yield lineno, e
                 continue
             if not isinstance(row, dict):
                 yield lineno, BadRow(f"expected a JSON object, got {type(row).__name__}")
                 continue
             yield lineno, row
+
+
+def _not_a_json_number(name: str) -> float:
+    """Python's json reads NaN and Infinity; JSON has no such numbers, and a row holding one (an
+    answer no reward can match, a score that poisons a mean) is a bad row."""
+    raise BadRow(f"{name} is not a JSON number (JSON numbers are finite)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise BadRow(f"{text} is out of range for a number")
+    return value
 
 
 def _check_file(path: str | Path) -> Path:
@@ -280,8 +298,15 @@ def _jsonl_parser(prompt_field: str, answer_field: str | None) -> Callable[[dict
         for field in (prompt_field, answer_field):
             if field is not None and field not in row:
                 raise BadRow(f"missing field '{field}'")
-        answer = "" if answer_field is None else str(row[answer_field])
-        return {**row, "question": row[prompt_field], "answer": answer}
+        prompt = row[prompt_field]
+        if not isinstance(prompt, str) or not prompt.strip():
+            got = "empty" if prompt == "" else _json_type(prompt)
+            raise BadRow(f"field '{prompt_field}' (env.prompt_field) is {got}, expected the prompt as non-empty text")
+        answer = None if answer_field is None else row[answer_field]
+        if answer_field is not None and (isinstance(answer, (bool, list, dict)) or answer is None):
+            raise BadRow(f"field '{answer_field}' (env.answer_field) is {_json_type(answer)}, expected a string or "
+                         "a number")
+        return {**row, "question": prompt, "answer": "" if answer is None else str(answer)}
 
     return parse
 
@@ -527,10 +552,49 @@ def load_split(env_cfg, split: str) -> Rows:
     if not holdout:
         return rows
     train, heldout = split_heldout(rows, heldout_size(env_cfg, len(rows)))
+    if not train:
+        distinct = len({_prompt_key(r) for r in rows})
+        raise DataError(f"env.train_path={train_path}: holding out {len(heldout)} of {len(rows)} rows leaves no "
+                        f"training rows (rows sharing a held-out prompt leave training too; the file has {distinct} "
+                        "distinct prompt(s)); give env.test_path or more distinct prompts")
     line_of = {id(row): line for row, line in zip(rows, rows.lines or ())}
     if split == "test":
         return Rows(heldout, skipped=0, source=rows.source, lines=[line_of.get(id(r)) for r in heldout])
     return Rows(train, skipped=rows.skipped, source=rows.source, lines=[line_of.get(id(r)) for r in train])
+
+
+def prompt_fields(prompt_format: str) -> set[str]:
+    """The row fields ``env.prompt_format`` reads; :class:`DataError` when it is not a format string
+    over named fields (``{question``, ``{}``)."""
+    try:
+        parsed = list(string.Formatter().parse(prompt_format))
+    except ValueError as e:
+        raise DataError(f"env.prompt_format={prompt_format!r} is not a valid format string ({e}); write fields as "
+                        "{question} and literal braces as {{ }}") from None
+    fields = set()
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        root = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if not root or root.isdigit():
+            raise DataError(f"env.prompt_format={prompt_format!r} has a positional field {{{name}}}; name a row field, "
+                            "e.g. {question}")
+        fields.add(root)
+    return fields
+
+
+def check_prompt_fields(prompt_format: str, rows: Rows, split: str) -> None:
+    """Every row (but chat rows, which carry their ``messages``) has the fields ``env.prompt_format``
+    reads: checked on the rows, before a model loads, naming the first row that lacks one."""
+    fields = prompt_fields(prompt_format)
+    for i, row in enumerate(rows):
+        if "messages" in row:
+            continue
+        missing = sorted(f for f in fields if f not in row)
+        if missing:
+            where = rows.where(i) or f"the {split} split's row {i}"
+            raise DataError(f"env.prompt_format={prompt_format!r} reads field '{missing[0]}', which {where} lacks "
+                            f"(its fields: {', '.join(sorted(map(str, row)))})")
 
 
 def is_user_dataset(name) -> bool:
@@ -560,6 +624,7 @@ def validate_env(env_cfg, splits: tuple[str, ...] = SPLITS) -> None:
     elif name not in DATASETS:
         raise DataError(f"env.dataset={name!r} is unknown; expected one of {', '.join(DATASETS)}, or the "
                         "dotted path of your own function (split, env) -> rows")
+    prompt_fields(_opt(env_cfg, "prompt_format", "{question}"))
     template = _opt(env_cfg, "template")
     if template is not None and template not in TEMPLATES:
         raise DataError(f"env.template={template!r} is unknown; expected one of {', '.join(TEMPLATES)}")

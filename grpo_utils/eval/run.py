@@ -15,11 +15,13 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from grpo_utils.config.validate import resolve_device, reward_config, seed_everything
-from grpo_utils.data.datasets import load_split
+from grpo_utils.config.schema import EvalRunConfig
+from grpo_utils.config.validate import check_schema_values, resolve_all, resolve_device, reward_config, seed_everything
+from grpo_utils.data.datasets import check_prompt_fields, load_split
 from grpo_utils.data.prompts import renderer_from_config
 from grpo_utils.errors import ConfigError, DataError, ModelError
 from grpo_utils.eval.evaluate import build_report, check_reward, evaluate, resolve_model_dir, validate_eval_config
+from grpo_utils.models.check import check_model_name
 from grpo_utils.models.loading import DTYPES, load_tokenizer
 from grpo_utils.rewards import RewardFunction
 
@@ -32,12 +34,19 @@ def run_evaluation(cfg: DictConfig, run_dir: str | Path) -> tuple[dict[str, Any]
     transformers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
     try:
+        resolve_all(cfg)
+        check_schema_values(cfg, root=EvalRunConfig)
         validate_eval_config(cfg)
         device = resolve_device(cfg.device)
         model_path = resolve_model_dir(cfg.model.name)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{e.full_key} is required (it is ??? in the config); set it with {e.full_key}=...") from None
+    info = check_model_name(model_path)  # read, not loaded: config.json, weight headers, tokenizer files
+    if info is not None and info.context and cfg.generation.max_new_tokens >= info.context:
+        raise ConfigError(f"generation.max_new_tokens={cfg.generation.max_new_tokens} leaves no room for a prompt in "
+                          f"the model's context of {info.context} positions")
     rows = load_split(cfg.env, cfg.eval.split)
+    check_prompt_fields(cfg.env.get("prompt_format") or "{question}", rows, cfg.eval.split)
     skipped = rows.skipped
     if cfg.eval.max_prompts:
         rows = rows[: cfg.eval.max_prompts]

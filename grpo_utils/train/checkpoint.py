@@ -481,6 +481,12 @@ def _resolve(resume, run_dir: str | Path) -> tuple[Path | None, bool]:
         return None, False
     if isinstance(resume, str) and resume.strip().lower() in _LATEST_WORDS:
         return latest_checkpoint(run_dir), False
+    if isinstance(resume, str) and resume.strip().lower() == "must":
+        latest = latest_checkpoint(run_dir)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {run_dir} to resume from (expected {CHECKPOINTS_DIRNAME}/"
+                                    "step_<N>/ or checkpoint-<N>/); resume=true would start fresh instead")
+        return latest, False
     if not isinstance(resume, (str, os.PathLike)):
         raise TypeError(f"resume must be a bool, 'latest' or a path, got {type(resume).__name__}")
 
@@ -502,6 +508,16 @@ def _resolve(resume, run_dir: str | Path) -> tuple[Path | None, bool]:
 # --------------------------------------------------------------------------------------------
 # Verification: which checkpoint a run may resume from
 # --------------------------------------------------------------------------------------------
+
+
+def fresh_start_note(resume: bool | str | os.PathLike | None, run_dir: str | Path) -> str | None:
+    """The one warning line for ``resume=true`` (or ``latest``) when the run dir has no checkpoint:
+    the run starts from scratch, which is said rather than done silently; None otherwise."""
+    asks = resume is True or (isinstance(resume, str) and resume.strip().lower() in _LATEST_WORDS)
+    if not asks or latest_checkpoint(run_dir) is not None:
+        return None
+    return (f"warning: resume={str(resume).lower()} but {run_dir} has no checkpoint yet; starting from scratch "
+            "(resume=must refuses to)")
 
 
 def verify_checkpoint(ckpt_dir: str | Path) -> str | None:

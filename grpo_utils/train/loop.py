@@ -14,6 +14,7 @@ collector asked for each batch, or a pool of collectors streaming into a queue: 
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from grpo_utils import build
 from grpo_utils.distributed import ranks
 from grpo_utils.distributed.ranks import RankFailed
 from grpo_utils.errors import CheckpointError, GRPOError, Terminated
+from grpo_utils.models.check import ModelInfo, check_model_name, check_same_architecture
 from grpo_utils.train import checkpoint as ckpt
 from grpo_utils.train import sources
 from grpo_utils.train.run import prepare_process
@@ -64,10 +66,14 @@ class GRPOLoop:
         point = ckpt.resume_point(cfg.resume, self.run_dir)
         if point is not None and point.note:
             print(point.note)
+        if point is None and (note := ckpt.fresh_start_note(cfg.resume, self.run_dir)):
+            print(note, file=sys.stderr)
         if point is not None:  # a LoRA checkpoint resumes only as LoRA, with the same adapter shape
             from grpo_utils.models.lora import check_checkpoint
 
-            check_checkpoint(point.path, cfg.train_model.lora, ckpt.shown_path(point.path, self.run_dir))
+            shown = ckpt.shown_path(point.path, self.run_dir)
+            check_checkpoint(point.path, cfg.train_model.lora, shown)
+            check_same_architecture(point.path, self._model_info(), "resume", shown)
 
         # The other trainer ranks start now and load their shards while this process loads the policy.
         self.ranks = ranks.start(cfg, self.device) if cfg.train_model.num_devices > 1 else None
@@ -77,6 +83,13 @@ class GRPOLoop:
             if self.ranks is not None:
                 self.ranks.abort()
             raise
+
+    def _model_info(self) -> ModelInfo | None:
+        """What the policy's config.json says (an in-memory model's config), read without loading."""
+        given = self._given[0]
+        if given is not None:
+            return ModelInfo(None, given.config.to_dict()) if hasattr(given, "config") else None
+        return check_model_name(self.cfg.model.name, tokenizer=False)
 
     def _build_parts(self, point: ckpt.ResumePoint | None) -> None:
         """Load the models, build the trainer (collective with the other ranks), evaluator, logger

@@ -13,7 +13,14 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from grpo_utils.config.validate import check_model_name, check_placement, resolve_device, seed_everything, validate
+from grpo_utils.config.validate import (
+    check_models,
+    check_placement,
+    check_sizes,
+    resolve_device,
+    seed_everything,
+    validate,
+)
 from grpo_utils.distributed.resources import check_devices, mode_opt, plan_resources, unreachable, uses_ray
 from grpo_utils.errors import ConfigError, raise_on_sigterm
 
@@ -72,7 +79,9 @@ def check_run(cfg: DictConfig, mode: str, available_gpus: int | None = None) -> 
         check_devices(cfg, device, available_gpus)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check_placement(cfg, mode, needs_reference=(OmegaConf.select(cfg, "loss.kl_coef", default=0) or 0) > 0)
+    needs_reference = (OmegaConf.select(cfg, "loss.kl_coef", default=0) or 0) > 0
+    check_placement(cfg, mode, needs_reference=needs_reference)
+    check_sizes(cfg)
     if uses_ray(cfg):  # does the machine (or cluster) fit the collectors?
         address = mode_opt(cfg, "ray_address")
         try:
@@ -82,5 +91,5 @@ def check_run(cfg: DictConfig, mode: str, available_gpus: int | None = None) -> 
         problem = unreachable(address) if address else None  # ray.init would retry for minutes
         if problem:
             raise ConfigError(f"cannot join the Ray cluster at mode.ray_address={address}: {problem}")
-    check_model_name(cfg.model.name)  # a local path exists and holds a model (after the plan, as before)
+    check_models(cfg, needs_reference)  # read, not loaded: config.json, weight headers, tokenizer files
     return device

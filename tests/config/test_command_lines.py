@@ -51,7 +51,7 @@ def test_devices_line_on_a_big_enough_machine_checks_the_reference():
         check(line + " loss.kl_coef=0.1", gpus=8)
 
 
-def test_ifeval_config_name_needs_its_data_path():
+def test_ifeval_config_name_needs_its_data_path(shipped_hub_models):
     (cfg,) = jobs("mode=sync --config-name grpo_ifeval")
     assert (cfg.env.dataset, cfg.reward.name, cfg.mode.name) == ("ifeval", "ifeval", "sync")
     with pytest.raises(ConfigError, match=r"^env.train_path is required for env.dataset=ifeval"):
@@ -81,7 +81,10 @@ def test_optimizer_keys_are_torchrls():
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (2e-5, 0.01)
 
 
-def test_model_name_is_torchrls():
+def test_model_name_is_torchrls(tmp_path, tiny_dir, monkeypatch):
+    from tests.config.test_bad_inputs import hub_cache
+
+    hub_cache(tmp_path, tiny_dir, "meta-llama/Llama-2-7b-hf", monkeypatch)  # a hub name is read from the cache
     (cfg,) = check("mode=sync model.name=meta-llama/Llama-2-7b-hf")
     assert cfg.model.name == "meta-llama/Llama-2-7b-hf"
 

@@ -81,9 +81,16 @@ def test_seeds_in_range_pass_and_derived_seeds_stay_valid(monkeypatch):
         seed_everything(-5)
 
 
-def test_model_name_is_a_model_directory_or_a_hub_name(tmp_path, tiny_dir):
-    for name in ("builtin:quickstart", "Qwen/Qwen2.5-0.5B", "gpt2", str(tiny_dir)):
-        check_model_name(name)  # a hub name is left to the hub (no network here)
+def test_model_name_is_a_model_directory_or_a_hub_name(tmp_path, tiny_dir, monkeypatch):
+    from tests.config.test_bad_inputs import hub_cache
+
+    hub_cache(tmp_path / "hub", tiny_dir, "Qwen/Qwen2.5-0.5B", monkeypatch)
+    for name in ("builtin:quickstart", "Qwen/Qwen2.5-0.5B", str(tiny_dir)):
+        check_model_name(name)  # a hub name is read from the local cache (no network here)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"^model.name=gpt2: no such local directory, and not in the Hugging Face "
+                                          r"cache \(offline mode"):
+        check_model_name("gpt2")
     with pytest.raises(ConfigError, match=rf"^model.name={tmp_path} is a directory without config.json; expected a "
                                           r"Hugging Face model directory"):
         check_model_name(str(tmp_path))
