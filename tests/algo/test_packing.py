@@ -131,6 +131,19 @@ def training_batch(model, temperature):
                       batch_size=[len(PROMPTS)])
 
 
+def step_with_gradients(trainer: PolicyTrainer, batch: TensorDict) -> tuple[dict, dict]:
+    """One optimizer step's metrics and the accumulated gradients it stepped with."""
+    grads = {}
+    step = trainer.optimizer.step
+
+    def record_then_step(*args, **kwargs):
+        grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record_then_step
+    return trainer.optimizer_step(batch), grads
+
+
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 @pytest.mark.parametrize("preset", PRESETS)
 def test_packed_optimizer_step_equals_the_padded_one(tok, preset):
@@ -141,15 +154,7 @@ def test_packed_optimizer_step_equals_the_padded_one(tok, preset):
         model = build_model(tok, hidden_size=64, num_layers=2, max_positions=512)
         trainer = PolicyTrainer(model, build(preset, kl_coef=0.05, entropy_coef=0.01),
                                 train_cfg(grad_accum_steps=2, packing=packing), temperature=0.9)
-        grads = {}
-        step = trainer.optimizer.step
-
-        def record_then_step(*args, _step=step, _model=model, _grads=grads, **kwargs):
-            _grads.update({n: p.grad.detach().clone() for n, p in _model.named_parameters()})
-            return _step(*args, **kwargs)
-
-        trainer.optimizer.step = record_then_step
-        metrics = trainer.optimizer_step(training_batch(model, 0.9))
+        metrics, grads = step_with_gradients(trainer, training_batch(model, 0.9))
         results.append((metrics, grads, {k: v.detach().clone() for k, v in model.named_parameters()}))
     (m_pad, g_pad, w_pad), (m_pack, g_pack, w_pack) = results
     scale = max(g.abs().max().item() for g in g_pad.values())
@@ -212,16 +217,7 @@ def test_token_budget_micro_batches_take_the_one_batch_step(tok, packing):
         if budget:
             groups = trainer.micro_batches(batch)
             assert len(groups) >= 3 and sum(len(g) for g in groups) == len(batch)
-        grads = {}
-        step = trainer.optimizer.step
-
-        def record_then_step(*args, _step=step, _model=model, _grads=grads, **kwargs):
-            _grads.update({n: p.grad.detach().clone() for n, p in _model.named_parameters()})
-            return _step(*args, **kwargs)
-
-        trainer.optimizer.step = record_then_step
-        metrics = trainer.optimizer_step(batch)
-        results.append((metrics, grads))
+        results.append(step_with_gradients(trainer, batch))
     (m_one, g_one), (m_budget, g_budget) = results
     scale = max(g.abs().max().item() for g in g_one.values())
     assert max((g_one[k] - g_budget[k]).abs().max().item() for k in g_one) < 1e-5 * scale
