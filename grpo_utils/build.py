@@ -255,9 +255,10 @@ def rollout(cfg: DictConfig, model, tokenizer, render, reward_fn, stream, loss_f
                   shaping=shaping(cfg), **extra)
 
 
-def held_out_evaluator(cfg: DictConfig, model, tokenizer, render, reward_fn, heldout_rows):
+def held_out_evaluator(cfg: DictConfig, model, tokenizer, render, reward_fn, heldout_rows, engine=None):
     """A no-argument callable: greedy accuracy on the held-out rows, plus pass@k / maj@k / mean@k
-    when ``eval.k`` > 0."""
+    when ``eval.k`` > 0. ``engine``, called at each evaluation, gives the run's own inference engine
+    holding ``model``'s weights (vLLM in local sync), or None to generate with ``model``."""
     from grpo_utils.eval.evaluate import evaluate
 
     gen = cfg.generation
@@ -265,7 +266,8 @@ def held_out_evaluator(cfg: DictConfig, model, tokenizer, render, reward_fn, hel
     def held_out_eval() -> dict[str, float]:
         return evaluate(model, tokenizer, render, reward_fn, heldout_rows, k=cfg.eval.k,
                         temperature=cfg.eval.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                        max_new_tokens=gen.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+                        max_new_tokens=gen.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed,
+                        engine=engine() if engine is not None else None)
 
     return held_out_eval
 

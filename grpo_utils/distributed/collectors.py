@@ -366,6 +366,10 @@ class RayRollout:
             self.pool.consumed[0] = collector
             self.pool.wait_for(self.pool.actors[0].load_state.remote(collector), what="load its state")
 
+    def eval_engine(self, model: torch.nn.Module) -> None:
+        """None: the engines are in the collectors; held-out evaluation generates with ``model``."""
+        return None
+
     def close(self) -> None:
         self.pool.close()
 
@@ -398,6 +402,10 @@ class StreamedBatches:
     def checkpoint_state(self) -> dict:
         """Each collector's position after the last batch the trainer took from it."""
         return {"collectors": self.pool.consumed}
+
+    def eval_engine(self, model: torch.nn.Module) -> None:
+        """None: the engines are in the collectors; held-out evaluation generates with ``model``."""
+        return None
 
     def close(self) -> None:
         self.pool.close()

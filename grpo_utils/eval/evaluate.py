@@ -142,10 +142,12 @@ def _score(reward_fn, completions: list[str], rows: list[dict[str, Any]], index:
 
 class _Completer:
     """Renders, tokenizes (once per row), left-pads and decodes completions through TorchRL's
-    ``TransformersWrapper``, in chunks of ``batch_size`` sequences."""
+    ``TransformersWrapper`` or, given an ``engine`` (the run's vLLM generator, holding the model's
+    weights), through it, in chunks of ``batch_size`` sequences."""
 
-    def __init__(self, model, tokenizer, renderer, batch_size: int):
+    def __init__(self, model, tokenizer, renderer, batch_size: int, engine=None, seed: int | None = 0):
         self.model, self.tokenizer, self.renderer, self.batch_size = model, tokenizer, renderer, batch_size
+        self.engine, self.seed, self.calls = engine, seed or 0, 0
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         self._ids: dict[int, torch.Tensor] = {}
@@ -164,14 +166,19 @@ class _Completer:
     def complete(self, rows: list[dict[str, Any]], index: list[int], gen_kwargs: dict[str, Any]
                  ) -> tuple[list[str], list[int]]:
         """Completion texts and token lengths (stop token included) for ``rows[i] for i in index``."""
-        generator = make_generator(self.model, self.tokenizer, gen_kwargs)
+        generator = make_generator(self.model, self.tokenizer, gen_kwargs) if self.engine is None else None
+        self.calls += 1
         texts, lengths = [], []
         for start in range(0, len(index), self.batch_size):
             chunk = index[start : start + self.batch_size]
             prompt, mask = self._encode(rows, chunk)
-            out = generator(TensorDict({"tokens": {"prompt": prompt}, "attention_mask": mask},
-                                       batch_size=[len(chunk)]))
-            response = out["tokens", "response"].cpu()
+            if generator is None:  # per-request seeds: the same samples whatever the batch size's RNG use
+                response = self.engine.complete(prompt.cpu(), mask.cpu(), gen_kwargs, self.seed,
+                                                ("eval", self.calls, start))
+            else:
+                out = generator(TensorDict({"tokens": {"prompt": prompt}, "attention_mask": mask},
+                                           batch_size=[len(chunk)]))
+                response = out["tokens", "response"].cpu()
             resp_mask = response_mask(response, self.stop_ids)
             texts += self.tokenizer.batch_decode([r[m] for r, m in zip(response, resp_mask)],
                                                  skip_special_tokens=True)
@@ -192,7 +199,7 @@ def evaluate(model, tokenizer, renderer, reward_fn, rows: list[dict[str, Any]], 
              temperature: float = 1.0, max_new_tokens: int, batch_size: int = 64, greedy: bool = True,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = 0,
              answer_fn: Callable[[str], str | None] | None = None,
-             records: list[dict[str, Any]] | None = None) -> dict[str, float]:
+             records: list[dict[str, Any]] | None = None, engine=None) -> dict[str, float]:
     """Greedy accuracy and, with ``k`` >= 1 samples per prompt, pass@j (j = 1, 2, 4, ..., k),
     maj@k and mean@k over ``rows`` (see the module docstring for the definitions).
 
@@ -201,7 +208,9 @@ def evaluate(model, tokenizer, renderer, reward_fn, rows: list[dict[str, Any]], 
     during training neither perturbs nor depends on the training RNG stream. ``answer_fn`` maps a
     completion to its normalized answer for maj@k (default: the reward's ``extract_answer`` if it
     has one, else :func:`extract_answer`). ``records``, when given, receives one dict per prompt
-    with its completions, scores and answers. The model's train/eval mode is restored.
+    with its completions, scores and answers. The model's train/eval mode is restored. ``engine``:
+    generate with it (a :class:`~grpo_utils.inference.vllm_engine.VLLMGenerator` holding the
+    model's weights; its samples are seeded per request from ``seed``) instead of ``model``.
     """
     if k < 0 or (k == 0 and not greedy):
         raise ValueError(f"evaluate needs k >= 1 samples or greedy=True (got k={k}, greedy={greedy})")
@@ -210,7 +219,7 @@ def evaluate(model, tokenizer, renderer, reward_fn, rows: list[dict[str, Any]], 
     answer_fn = answer_fn or getattr(reward_fn, "extract_answer", None) or extract_answer
     was_training = model.training
     model.eval()
-    completer = _Completer(model, tokenizer, renderer, batch_size)
+    completer = _Completer(model, tokenizer, renderer, batch_size, engine, seed)
     n = len(rows)
     metrics: dict[str, float] = {"eval/num_prompts": float(n)}
     per_prompt: list[dict[str, Any]] = [{"index": i, "question": r.get("question"), "answer": r.get("answer")}

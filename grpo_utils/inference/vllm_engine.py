@@ -149,21 +149,35 @@ class VLLMGenerator:
                  seed_key: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """Response ids ``[N, T]`` (pad after the stop token, as ``generate`` gives) and the
         sampler's log-probs of those tokens (0 on padding), for left-padded ``prompt`` rows."""
+        return self._run(prompt, prompt_mask, self.sampling, self.seed, seed_key)
+
+    def complete(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, gen_kwargs: dict[str, Any],
+                 seed: int, seed_key: tuple[int, ...] = ()) -> torch.Tensor:
+        """Response ids for held-out evaluation, with transformers-style ``gen_kwargs`` (greedy when
+        ``do_sample`` is false) instead of the rollout's sampling settings."""
+        sampling = {"temperature": 0.0, "max_tokens": gen_kwargs["max_new_tokens"]}
+        if gen_kwargs.get("do_sample", False):
+            sampling.update(temperature=gen_kwargs["temperature"], top_p=gen_kwargs.get("top_p", 1.0),
+                            top_k=gen_kwargs.get("top_k") or 0)
+        return self._run(prompt, prompt_mask, sampling, seed, seed_key)[0]
+
+    def _run(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, sampling: dict[str, Any], seed: int,
+             seed_key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         self.wake_up()
         # One validated SamplingParams, shallow-copied per request with its own seed; skip_clone:
         # vLLM would otherwise deep-copy each one again (a tenth of a tiny model's generate call).
-        template = self._sampling_params(**self.sampling, logprobs=0, stop_token_ids=self.stop_ids, skip_clone=True)
+        template = self._sampling_params(**sampling, logprobs=0, stop_token_ids=self.stop_ids, skip_clone=True)
         longest = int(prompt_mask.sum(-1).max())
-        if longest + self.sampling["max_tokens"] > self.max_model_len:
+        if longest + sampling["max_tokens"] > self.max_model_len:
             # vLLM would reject the request mid-run with a long message; say which knob to turn.
-            raise DataError(f"a prompt of {longest} tokens + generation.max_new_tokens={self.sampling['max_tokens']} "
+            raise DataError(f"a prompt of {longest} tokens + generation.max_new_tokens={sampling['max_tokens']} "
                             f"exceeds the vLLM engine's context of {self.max_model_len} tokens "
                             "(inference_model.max_model_len)")
         prompts, params = [], []
         for i, (ids, mask) in enumerate(zip(prompt.tolist(), prompt_mask.tolist())):
             prompts.append(self._tokens_prompt(prompt_token_ids=[t for t, m in zip(ids, mask) if m]))
             request = copy.copy(template)
-            request.seed = request_seed(self.seed, seed_key, i)
+            request.seed = request_seed(seed, seed_key, i)
             params.append(request)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         if self.settings.sleep:

@@ -172,6 +172,15 @@ class GroupRollout:
                 self._probe_diff = diff
         self.policy_version = version
 
+    def eval_engine(self, model: torch.nn.Module):
+        """What held-out evaluation generates with: this rollout's own engine when it keeps weights
+        of its own (vLLM), loaded with ``model``'s first (an evaluation may fall between two syncs);
+        None when the generator is ``model`` itself (evaluation then generates with ``model``)."""
+        if self.generator.shares_weights:
+            return None
+        self.generator.load_weights(model)
+        return self.generator
+
     def close(self) -> None:
         """Release the generator (a vLLM engine; the Ray rollout shuts its actors down here)."""
         self.generator.close()

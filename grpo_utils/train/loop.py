@@ -117,8 +117,9 @@ class GRPOLoop:
             self.state = TrainState.from_checkpoint(saved)
             self._checkpoint = resume_from
 
+        # The run's own engine when it has one in this process (vLLM, local sync); built below.
         self._evaluate = build.held_out_evaluator(cfg, self.model, self.tokenizer, self.renderer, self.reward_fn,
-                                                  self.heldout_rows)
+                                                  self.heldout_rows, engine=lambda: self.source.eval_engine(self.model))
         try:
             self.logger = build.logger(cfg, self.run_dir, start_step=self.state.step)
         except OSError as error:  # metrics.jsonl could not be set up (e.g. a full disk)
@@ -235,23 +236,25 @@ class GRPOLoop:
         return state.saved_step
 
     def cleanup(self) -> dict[str, Any]:
-        """Release the batch source, evaluate once more (unless the last step's evaluation is
-        logged already: by the loop, or by the run this one resumes), write the last checkpoint,
+        """Evaluate once more (unless the last step's evaluation is logged already: by the loop, or
+        by the run this one resumes), release the batch source, write the last checkpoint,
         ``final_model/`` and ``summary.json``, print the summary; returns the summary."""
         from grpo_utils.train.metrics import format_summary, plot_reward_curve, write_summary
 
-        self._close_source()
         cfg, state = self.cfg, self.state
         extra = {"data/skipped_rows": self.train_rows.skipped + self.heldout_rows.skipped,
                  "policy_version": state.policy_version}
         try:
-            if cfg.eval.before_after:
-                after = self._logged_eval(state.step)
-                if after is None:
-                    after = self.evaluate()
-                    self.logger.log_eval(after, step=state.step)
-                extra |= {"heldout_accuracy_before": state.heldout_accuracy_before,
-                          "heldout_accuracy_after": after["eval/accuracy"]}
+            try:  # evaluated before the source closes: it may hold the engine evaluation generates with
+                if cfg.eval.before_after:
+                    after = self._logged_eval(state.step)
+                    if after is None:
+                        after = self.evaluate()
+                        self.logger.log_eval(after, step=state.step)
+                    extra |= {"heldout_accuracy_before": state.heldout_accuracy_before,
+                              "heldout_accuracy_after": after["eval/accuracy"]}
+            finally:
+                self._close_source()
             self.save_checkpoint()
             self.trainer.publish()
             ckpt.save_final_model(self.run_dir, self.model, self.tokenizer, checkpoint=self._checkpoint)

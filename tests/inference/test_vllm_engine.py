@@ -225,3 +225,36 @@ def test_prompt_too_long_for_the_engine_is_one_line(vllm_generator, policy, tok)
     with pytest.raises(DataError, match=r"^a prompt of \d+ tokens \+ generation.max_new_tokens=8 exceeds the vLLM "
                                         r"engine's context of 128 tokens \(inference_model.max_model_len\)$"):
         vllm_generator.generate(prompt, mask, (0, 0))
+
+
+def test_held_out_evaluation_generates_with_the_engine(vllm_generator, policy, tok):
+    """With the run's vLLM engine (what local sync with backend=vllm evaluates with): greedy
+    completions equal the transformers policy's (same weights, fp32), the eval takes the trained
+    weights first, and k samples are seeded per request (the same twice, other seeds other ones)."""
+    from grpo_utils.eval.evaluate import evaluate
+
+    renderer, reward = PromptRenderer(tok, "{question}", None, True), RewardFunction("numeric_answer")
+    args = dict(k=0, max_new_tokens=8, batch_size=4)
+    by_hf, by_vllm = [], []
+    evaluate(policy, tok, renderer, reward, ROWS, records=by_hf, **args)
+    evaluate(policy, tok, renderer, reward, ROWS, records=by_vllm, engine=vllm_generator, **args)
+    assert [r["greedy"]["completion"] for r in by_vllm] == [r["greedy"]["completion"] for r in by_hf]
+
+    # the rollout hands evaluation its engine, loaded with the policy's current weights
+    train_a_little(policy, tok)
+    engine = rollout(vllm_generator, policy, tok).eval_engine(policy)
+    assert engine is vllm_generator and engine.probe(policy, [5, 17, 99, 3, 42]) < 1e-4
+    moved_hf, moved_vllm = [], []
+    evaluate(policy, tok, renderer, reward, ROWS, records=moved_hf, **args)
+    evaluate(policy, tok, renderer, reward, ROWS, records=moved_vllm, engine=engine, **args)
+    assert [r["greedy"]["completion"] for r in moved_vllm] == [r["greedy"]["completion"] for r in moved_hf]
+
+    sampled = dict(k=4, temperature=1.0, max_new_tokens=8, batch_size=5, greedy=False)
+    first, again, other = [], [], []
+    m1 = evaluate(policy, tok, renderer, reward, ROWS, records=first, engine=engine, seed=3, **sampled)
+    m2 = evaluate(policy, tok, renderer, reward, ROWS, records=again, engine=engine, seed=3, **sampled)
+    evaluate(policy, tok, renderer, reward, ROWS, records=other, engine=engine, seed=4, **sampled)
+    texts = [[s["completion"] for s in r["samples"]] for r in first]
+    assert m1 == m2 and texts == [[s["completion"] for s in r["samples"]] for r in again]
+    assert texts != [[s["completion"] for s in r["samples"]] for r in other]
+    assert any(len(set(t)) > 1 for t in texts)  # k samples of a prompt differ
