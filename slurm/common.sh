@@ -159,7 +159,7 @@ grpo_start_ray() {
             --num-cpus="$CPUS_PER_NODE" --disable-usage-stats --block
     done
     grpo_wait_ray $(( 1 + $# ))
-    echo "Ray: head on $HEAD ($RAY_ADDRESS, $head_gpus GPU(s), $head_cpus CPU(s)), workers on: ${*:-none}"
+    echo "Ray: head on $HEAD ($RAY_ADDRESS, $head_gpus GPU(s), $head_cpus CPU(s)), workers on: ${*:-none}${*:+ ($GPUS_PER_NODE GPU(s), $CPUS_PER_NODE CPU(s) each)}"
 }
 
 grpo_wait_ray() {  # grpo_wait_ray N: until N Ray nodes are alive at RAY_ADDRESS (exit 1 after GRPO_RAY_WAIT_S)

@@ -10,8 +10,8 @@ picked free each time, so it does not clash with another cluster on the machine.
 The two nodes (``node1``, ``node2``) are two ``slurmd -N`` daemons on this host: they share its
 address, so whatever a job starts on both (rendezvous, Ray) needs a port per node.
 
-By hand (as root): ``python -m tests.slurm_cluster DIR`` starts one, prints the ``SLURM_CONF`` to
-export, and stops it on Ctrl-C.
+By hand (as root, from the checkout): ``.venv/bin/python -m tests.slurm_cluster DIR`` starts one,
+prints the ``SLURM_CONF`` to export, and stops it on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class LocalCluster:
         self.host = socket.gethostname().split(".")[0]
         self.cpus = os.cpu_count() or 1
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-        self._pid_files: list[Path] = []
+        self._pids: list[int] = []  # the daemons this object started
 
     # ------------------------------------------------------------------------------ start/stop
 
@@ -144,23 +144,25 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
 """
 
     def _daemon(self, pid_file: Path, cmd: list[str]) -> None:
-        """Start a daemon (it forks into the background) and note its pid file for stop()."""
-        self._pid_files.append(pid_file)
+        """Start a daemon (it forks into the background) and note its pid (from its pid file)."""
         pid_file.unlink(missing_ok=True)
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
             raise ClusterUnavailable(f"{Path(cmd[0]).name} did not start ({proc.returncode}): "
                                      f"{(proc.stderr or proc.stdout).strip()[-500:]}")
         deadline = time.monotonic() + 15
-        while not pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not pid_file.exists():
-            raise ClusterUnavailable(f"{Path(cmd[0]).name} wrote no {pid_file.name} within 15s")
+        while time.monotonic() < deadline:
+            try:
+                self._pids.append(int(pid_file.read_text().split()[0]))
+                return
+            except (OSError, ValueError, IndexError):  # not there yet, or half written
+                time.sleep(0.1)
+        raise ClusterUnavailable(f"{Path(cmd[0]).name} wrote no {pid_file.name} within 15s")
 
     def stop(self, grace_s: float = 30) -> None:
-        """Cancel every job (waiting for them to end), then stop the daemons, newest first; a
-        daemon still running after ``grace_s`` is killed. Nothing of the cluster is left running."""
-        if (self.root / "slurmctld.pid").exists():
+        """Cancel every job (waiting for them to end), then stop the daemons; a daemon still
+        running after ``grace_s`` is killed. Nothing of the cluster is left running."""
+        if self._pids:
             subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
             deadline = time.monotonic() + grace_s
             while time.monotonic() < deadline:
@@ -168,13 +170,9 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
                 if proc.returncode != 0 or not proc.stdout.strip():
                     break
                 time.sleep(0.5)
-        for pid_file in reversed(self._pid_files):
-            try:
-                pid = int(pid_file.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-            _terminate(pid, grace_s)
-        self._pid_files.clear()
+        # All at once: each takes about 2 s to shut down, none needs another for it.
+        _terminate(self._pids, grace_s)
+        self._pids = []
 
     # ------------------------------------------------------------------------------ jobs
 
@@ -209,22 +207,30 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         return [line.split("StepId=")[1].split()[0] for line in text.splitlines() if mark in line]
 
 
-def _terminate(pid: int, grace_s: float) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+def _terminate(pids: list[int], grace_s: float) -> None:
+    """SIGTERM to each of ``pids``, SIGKILL to those still running ``grace_s`` later."""
+    for pid in pids:
         try:
-            os.kill(pid, 0)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
-            return
+            pass
+    deadline = time.monotonic() + grace_s
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _alive(pid)]
         time.sleep(0.1)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        pass
+        return False
+    return True
 
 
 def main() -> None:
@@ -235,7 +241,9 @@ def main() -> None:
         cluster.start()
     except ClusterUnavailable as e:
         sys.exit(f"no SLURM cluster: {e}")
-    print(f"two idle nodes; in another shell: export SLURM_CONF={cluster.conf}; Ctrl-C stops the cluster")
+    print(f"two idle nodes; in another shell: export SLURM_CONF={cluster.conf}; Ctrl-C stops the cluster",
+          flush=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # a kill stops it too
     try:
         signal.pause()
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ A job's steps are placed by SLURM: the node a step ran on is read from that node
 
 from __future__ import annotations
 
+import functools
 import secrets
 import shutil
 import subprocess
@@ -43,10 +44,15 @@ def cluster(tmp_path_factory) -> LocalCluster:
     cluster.stop()
 
 
+@functools.cache
+def _host_ip() -> str:
+    return subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
 @pytest.fixture(scope="module")
 def host_ip() -> str:
     """The address the scripts give the first node (its `hostname -I`): every node's here."""
-    return subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()[0]
+    return _host_ip()
 
 
 class Job:
@@ -98,7 +104,7 @@ class Job:
         """No process of the job is left: its recipe (run dir), joined ranks (rendezvous port) and
         Ray nodes (the Ray port)."""
         rendezvous, ray_port = self.ports
-        marks = (str(run_dir), f":{rendezvous}", f":{ray_port}", f"={ray_port}")
+        marks = (str(run_dir), f"{_host_ip()}:{rendezvous}", f"{_host_ip()}:{ray_port}", f"--port={ray_port}")
         deadline = time.monotonic() + grace_s
         while True:
             out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
@@ -131,9 +137,11 @@ def _train_steps(run_dir: Path) -> list[int]:
 def wait_for(condition, what: str, job: Job, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        state = job.cluster.job(job.id)["JobState"]
+        info = job.cluster.job(job.id)
+        state = info["JobState"]
         assert time.monotonic() < deadline and state in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING"), \
-            f"job {job.id} ({state}): no {what} within {timeout:g}s\n{job.out[-2000:]}\n{job.err[-3000:]}"
+            (f"job {job.id} ({state}, reason {info.get('Reason')}, exit code {info.get('ExitCode')}, "
+             f"restarts {info.get('Restarts')}): no {what} within {timeout:g}s\n{job.out[-2000:]}\n{job.err[-3000:]}")
         time.sleep(0.5)
 
 
@@ -218,48 +226,58 @@ def test_sync_trains_over_two_nodes_and_leaves_nothing(cluster, env, tmp_path, h
     job.assert_nothing_left(run_dir)
 
 
-def test_requeued_job_resumes_and_scancel_checkpoints(cluster, env, tmp_path):
-    """A long run in the run directory the script chooses (outputs/<job name>-<job id>, the same
-    for every start of the job). `scontrol requeue` mid-run: the recipe (SIGTERMed with every
-    step) gathers a checkpoint with node2's rank and stops; the job starts again, resumes from that
-    checkpoint (its steps continue the first start's, none is trained twice) and trains on, until
-    scancel: another checkpoint, the job ends CANCELLED and takes the joined ranks with it."""
+def test_stop_requeue_resume_and_scancel(cluster, env, tmp_path):
+    """One long run, in the run directory the script chooses (outputs/<job name>-<job id>, the
+    same for every start of the job), stopped three ways:
+
+    1. SIGTERM to the batch script alone (``scancel --batch --signal=TERM``, as ``sbatch
+       --signal=B:TERM@T`` sends before a time limit): the script passes it on to the recipe,
+       which finishes the ranks' command in progress, gathers a checkpoint with node2's rank and
+       exits with its own status and line (well within GRPO_STOP_GRACE_S, after which the script
+       would kill it); the job ends and takes the joined ranks with it.
+    2. ``scontrol requeue``: the job starts again and resumes from that checkpoint (its steps
+       continue the first start's: none is trained twice, it does not restart from 1).
+    3. ``scancel``: SLURM SIGTERMs every step; the recipe checkpoints again and the job ends
+       CANCELLED, nothing of it left running."""
     name = f"grpotest-{secrets.token_hex(4)}"
     job = Job(cluster, env, tmp_path, SYNC, "grpo-sync.py", *TINY, "train.max_steps=500", "eval.every_n_steps=0",
               "eval.before_after=false", sbatch_args=(f"--job-name={name}",))
     run_dir = REPO / "outputs" / f"{name}-{job.id}"
     try:
         wait_for(lambda: _train_steps(run_dir), "training step", job)
+        cluster.run("scancel", "--batch", "--signal=TERM", job.id)
+        stopped = job.wait(120)
+        err = job.err
+        job.assert_state(stopped, "FAILED", "130:0")
+        (line,) = [x for x in err.splitlines() if x.startswith("interrupted")]
+        assert "last checkpoint: step " in line and "did not stop within" not in err, err[-3000:]
+        resumed_at = int(line.rsplit(" ", 1)[1])
+        job.assert_nothing_left(run_dir)
+
         cluster.run("scontrol", "requeue", job.id)
-        # A requeued job waits two minutes before it may start again (slurmctld's requeue delay).
-        wait_for(lambda: cluster.job(job.id)["JobState"] == "PENDING", "pending state after requeue", job, 90)
+        # A requeued job waits two minutes before it may start again (slurmctld's requeue delay):
+        # once the requeue is done (the job waits for its BeginTime), it may start now.
+        wait_for(lambda: cluster.job(job.id).get("Reason") == "BeginTime", "requeued job waiting to begin", job, 90)
         cluster.run("scontrol", "update", f"jobid={job.id}", "StartTime=now")
-        first = [x for x in job.err.splitlines() if x.startswith("error: terminated (SIGTERM)")]
-        assert len(first) == 1 and "last checkpoint: step " in first[0], job.err[-3000:]
-        resumed_at = int(first[0].rsplit(" ", 1)[1])
         wait_for(lambda: max(_train_steps(run_dir), default=0) > resumed_at, "training step after the requeue", job)
         cluster.run("scancel", job.id)
         info = job.wait(120)
-        info_restarts = info["Restarts"]
         out, err, steps = job.out, job.err, _train_steps(run_dir)
-    finally:
-        if cluster.job(job.id)["JobState"] not in ("CANCELLED", "COMPLETED", "FAILED"):
-            cluster.run("scancel", job.id, check=False)
-    try:
-        assert (info["JobState"], info_restarts) == ("CANCELLED", "1"), err[-3000:]
+        assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "1"), err[-3000:]
         assert f"requeued (start 2 of job {job.id}): resuming from the run's latest checkpoint" in out.splitlines()
         assert f"Resumed from {run_dir / 'checkpoints' / f'step_{resumed_at}'} at step {resumed_at}" in out, out[-2000:]
         assert "did not stop within" not in err, err[-3000:]
-        stops = [x for x in err.splitlines() if x.startswith("error: terminated (SIGTERM)")]
-        assert len(stops) == 2 and "last checkpoint: step " in stops[1], err[-3000:]
-        last = int(stops[1].rsplit(" ", 1)[1])
+        (line,) = [x for x in err.splitlines() if x.startswith("error: terminated (SIGTERM)")]
+        assert "last checkpoint: step " in line, err[-3000:]
+        last = int(line.rsplit(" ", 1)[1])
         assert last > resumed_at and len(steps) < 500
-        # One run: steps 1.. up to the requeue, then on from the checkpoint (not from 1 again).
+        # One run: steps 1.. up to the first stop, then on from its checkpoint (not from 1 again).
         assert steps == list(range(1, steps[-1] + 1)), steps
         for step in (resumed_at, last):
             assert (run_dir / "checkpoints" / f"step_{step}" / "manifest.json").is_file()
         job.assert_nothing_left(run_dir)
     finally:
+        cluster.run("scancel", job.id, check=False)  # a no-op once it has ended
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -290,7 +308,7 @@ def test_async_trainer_node_and_ray_worker_node(cluster, env, tmp_path, host_ip)
     # The head on node1 offers nothing (node1 is the trainer's), node2's worker all of its CPUs:
     # the collector can only have run on node2.
     assert ray_line(job) == (f"Ray: head on node1 ({host_ip}:{job.ports[1]}, 0 GPU(s), 0 CPU(s)), "
-                             "workers on: node2")
+                             f"workers on: node2 (0 GPU(s), {cluster.cpus} CPU(s) each)")
     # node1: `hostname -I`, the Ray head and the recipe; node2: the Ray worker (no joined ranks:
     # one trainer node).
     assert job.steps() == {"node1": 3, "node2": 1}
@@ -303,7 +321,8 @@ def test_sync_with_an_inference_node_on_ray(cluster, env, tmp_path, host_ip):
                                extra_env={"GRPO_INFERENCE_NODES": "1"})
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert (cfg.mode.ray, cfg.mode.ray_address, cfg.train_model.num_nodes) == (True, f"{host_ip}:{job.ports[1]}", 1)
-    assert ray_line(job).endswith("workers on: node2")
+    assert ray_line(job) == (f"Ray: head on node1 ({host_ip}:{job.ports[1]}, 0 GPU(s), 0 CPU(s)), "
+                             f"workers on: node2 (0 GPU(s), {cluster.cpus} CPU(s) each)")
     assert job.steps() == {"node1": 3, "node2": 1}
 
 
@@ -316,7 +335,7 @@ def test_grpo_ray_sbatch_on_the_shared_bootstrap(cluster, env, tmp_path, host_ip
     job, run_dir = run_ray_job(cluster, env, tmp_path, RAY, "grpo-sync.py", "mode.ray=true",
                                extra_env={"GRPO_TRAINER_CPUS": "1"})
     assert ray_line(job) == (f"Ray: head on node1 ({host_ip}:{job.ports[1]}, 0 GPU(s), {cluster.cpus - 1} CPU(s)), "
-                             "workers on: node2")
+                             f"workers on: node2 (0 GPU(s), {cluster.cpus} CPU(s) each)")
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert (cfg.mode.trainer_cpus, cfg.device, cfg.mode.ray_address) == (1, "cpu", f"{host_ip}:{job.ports[1]}")
     assert job.steps() == {"node1": 3, "node2": 1}
