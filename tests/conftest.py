@@ -16,7 +16,9 @@ Markers (registered in pyproject.toml): ``slow`` marks end-to-end runs (every te
 tests/recipes/, the Ray recipe runs in tests/distributed/test_async.py and the Ray-cluster tests in
 tests/distributed/test_weight_sync.py); ``ray`` marks the tests that start Ray, all of which are
 also ``slow``; ``faults`` marks tests/train/test_fault_injection.py (damaged checkpoints, a full
-disk, kill -9; its recipe runs are also ``slow``). Nothing is deselected by default.
+disk, kill -9; its recipe runs are also ``slow``); ``slurm`` marks tests/distributed/test_slurm.py
+(jobs on a real two-node SLURM cluster it starts, tests/slurm_cluster.py; also ``slow``). Nothing is
+deselected by default.
 
 The tiny tokenizer and model (grpo_utils.models.tiny) are built here once; a saved copy of the
 tiny model is what the end-to-end recipe runs load with ``model.name=<dir>``. Helper functions
