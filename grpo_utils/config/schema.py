@@ -306,6 +306,12 @@ class AsyncModeConfig(RayModeConfig):
     weight_update_frequency: int = key(1, "push weights to the collectors every N optimizer steps (at a batch "
                                        "boundary)")
     buffer_size: int = key(2, "rollout batches the queue holds before the collectors block")
+    in_flight_updates: bool = key(False, "vLLM collectors take new weights between chunks of a generation "
+                                  "instead of between batches: requests continue under the new policy (each "
+                                  "token records the version that sampled it)")
+    in_flight_chunk_tokens: int = key(16, "tokens generated per chunk with mode.in_flight_updates (a weight update "
+                                      "waits at most one chunk)", range=">= 1",
+                                      only_if="mode.in_flight_updates=true")
 
 
 @dataclass

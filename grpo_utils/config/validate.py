@@ -47,6 +47,9 @@ def validate(cfg: DictConfig, mode: str) -> None:
         check_mode_options(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _require(not cfg.mode.get("in_flight_updates", False) or cfg.inference_model.backend == "vllm",
+             "mode.in_flight_updates=true needs inference_model.backend=vllm: it pauses vLLM's generation between "
+             "chunks for the new weights (the transformers collectors take weights between batches)")
     _require(mode == "async" or cfg.mode.ray or cfg.mode.sync_iter,
              "mode.sync_iter=false needs mode.ray=true: locally the generator is the training module, so "
              "there is no separate generator to run ahead (or use grpo-async.py)")

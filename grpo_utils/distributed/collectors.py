@@ -105,6 +105,10 @@ class RolloutWorker:
         self._pending: tuple[int, dict] | None = None
         if start:
             self.load_state(start)
+        if cfg.mode.get("in_flight_updates", False):
+            # vLLM generates in chunks and takes weights that arrived between two of them
+            self.rollout.generator.chunk_tokens = int(cfg.mode.in_flight_chunk_tokens)
+            self.rollout.generator.between_chunks = self._take_weights_in_flight
 
     def ready(self) -> int:
         return self.worker_index
@@ -140,6 +144,18 @@ class RolloutWorker:
             self.model.load_state_dict(state)
             self.rollout.sync_weights(self.model, version)  # a vLLM engine gets them (and is probed) here
             self.version = version
+
+    def _take_weights_in_flight(self) -> int:
+        """Between two chunks of a generation: load weights that arrived meanwhile (no waiting);
+        the policy version the next chunk samples with."""
+        with self._cond:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            version, state = pending
+            self.model.load_state_dict(state)
+            self.rollout.sync_weights(self.model, version)  # into vLLM (prefix cache reset), probed
+            self.version = version
+        return self.version
 
     def collect_batch(self, min_version: int = 0) -> dict[str, Any]:
         """One scored batch from weights of at least ``min_version``, as a picklable payload."""

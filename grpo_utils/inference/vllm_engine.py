@@ -110,6 +110,12 @@ class VLLMGenerator:
                          "max_tokens": gen_cfg.max_new_tokens, "min_tokens": gen_cfg.min_new_tokens}
         self.syncs = 0
         self.last_probe: float | None = None
+        # In-flight weight updates (mode.in_flight_updates): generate in chunks of this many tokens
+        # and call ``between_chunks`` before each; it may load new weights and returns the policy
+        # version the next chunk samples with. None: one uninterrupted generate call.
+        self.chunk_tokens: int | None = None
+        self.between_chunks = None
+        self.last_token_versions: torch.Tensor | None = None
         self._asleep = False
         kwargs: dict[str, Any] = {
             "model": model_path, "dtype": settings.dtype, "seed": seed, "enforce_eager": settings.enforce_eager,
@@ -149,7 +155,67 @@ class VLLMGenerator:
                  seed_key: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """Response ids ``[N, T]`` (pad after the stop token, as ``generate`` gives) and the
         sampler's log-probs of those tokens (0 on padding), for left-padded ``prompt`` rows."""
+        if self.chunk_tokens and self.between_chunks is not None:
+            return self._run_in_chunks(prompt, prompt_mask, seed_key)
+        self.last_token_versions = None
         return self._run(prompt, prompt_mask, self.sampling, self.seed, seed_key)
+
+    def _run_in_chunks(self, prompt: torch.Tensor, prompt_mask: torch.Tensor,
+                       seed_key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`generate` across weight updates: ``chunk_tokens`` tokens at a time, each unfinished
+        request continued from its prompt plus what it generated so far. Before each chunk
+        ``between_chunks()`` may load new weights (which resets the prefix cache), so the
+        continuation is prefilled by the new weights: every token's log-prob is then exactly the
+        one its version gives the whole sequence, and :attr:`last_token_versions` records that
+        version per token. Unchanged weights reuse the cached prefix. Seeds are per request and
+        chunk, so a resumed run samples the same tokens."""
+        rows = [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(prompt.tolist(), prompt_mask.tolist())]
+        n = len(rows)
+        ids: list[list[int]] = [[] for _ in range(n)]
+        log_probs: list[list[float]] = [[] for _ in range(n)]
+        versions: list[list[int]] = [[] for _ in range(n)]
+        active, chunk = list(range(n)), 0
+        budget, min_new = self.sampling["max_tokens"], self.sampling.get("min_tokens", 0)
+        while active:
+            version = self.between_chunks()
+            samplings = []
+            for i in active:
+                left = budget - len(ids[i])
+                step = min(self.chunk_tokens, left)
+                samplings.append({**self.sampling, "max_tokens": step,
+                                  "min_tokens": min(max(0, min_new - len(ids[i])), step)})
+            outs = self._generate_rows([rows[i] + ids[i] for i in active], samplings,
+                                       [request_seed(self.seed, (*seed_key, chunk), i) for i in active])
+            still = []
+            for i, sample in zip(active, outs):
+                new = list(sample.token_ids)
+                ids[i] += new
+                log_probs[i] += [s[t].logprob for t, s in zip(new, sample.logprobs)]
+                versions[i] += [version] * len(new)
+                if sample.finish_reason == "length" and len(ids[i]) < budget:  # cut by the chunk only
+                    still.append(i)
+            active, chunk = still, chunk + 1
+        width = max(1, max(len(row) for row in ids))
+        self.last_token_versions = torch.tensor([row + [row[-1] if row else 0] * (width - len(row))
+                                                 for row in versions], dtype=torch.long)
+        response = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in ids], dtype=torch.long)
+        return response, torch.tensor([row + [0.0] * (width - len(row)) for row in log_probs], dtype=torch.float32)
+
+    def _generate_rows(self, rows: list[list[int]], samplings: list[dict[str, Any]], seeds: list[int]):
+        """One ``LLM.generate`` call: prompt token lists, each with its own sampling settings and seed."""
+        self.wake_up()
+        longest = max(len(r) + s["max_tokens"] for r, s in zip(rows, samplings))
+        if longest > self.max_model_len:
+            raise DataError(f"a prompt + generation.max_new_tokens={self.sampling['max_tokens']} needs {longest} "
+                            f"positions, beyond the vLLM engine's context of {self.max_model_len} tokens "
+                            "(inference_model.max_model_len)")
+        params = [self._sampling_params(**s, logprobs=0, stop_token_ids=self.stop_ids, seed=seed)
+                  for s, seed in zip(samplings, seeds)]
+        prompts = [self._tokens_prompt(prompt_token_ids=r) for r in rows]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.settings.sleep:
+            self.sleep()
+        return [out.outputs[0] for out in outputs]
 
     def complete(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, gen_kwargs: dict[str, Any],
                  seed: int, seed_key: tuple[int, ...] = ()) -> torch.Tensor:

@@ -85,6 +85,7 @@ class GroupRollout:
             generator = TransformersGenerator(model, tokenizer, gen_kwargs, return_log_probs=keep_rollout_log_probs)
         self.generator = generator
         self.last_rollout_log_probs: torch.Tensor | None = None
+        self.last_token_versions: torch.Tensor | None = None
         self._probe_diff: float | None = None
         self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
@@ -135,6 +136,8 @@ class GroupRollout:
         response, log_probs = self.generator.generate(prompt, prompt_mask, seed_key)
         if self.keep_rollout_log_probs:
             self.last_rollout_log_probs = log_probs
+        # per token, the policy version that sampled it (vLLM with in-flight weight updates)
+        self.last_token_versions = getattr(self.generator, "last_token_versions", None)
         return prompt, prompt_mask, response
 
     def sample_groups(self) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,6 +162,8 @@ class GroupRollout:
                 "reward": torch.tensor([sc["reward"] for sc in scores], dtype=torch.float32)}
         if self.keep_rollout_log_probs:
             part["rollout_log_probs"] = self.last_rollout_log_probs.float()
+        if self.last_token_versions is not None:
+            part["token_version"] = self.last_token_versions
         return part
 
     def sync_weights(self, model: torch.nn.Module, version: int) -> None:
@@ -224,7 +229,7 @@ class GroupRollout:
         if shaping.overlong_penalty > 0:
             rewards = rewards + soft_overlong_penalty(lengths, self.max_new_tokens, shaping.overlong_cache_len,
                                                       shaping.overlong_penalty)
-        extra = {"rollout_log_probs": part["rollout_log_probs"]} if "rollout_log_probs" in part else {}
+        extra = {key: part[key] for key in ("rollout_log_probs", "token_version") if key in part}
         batch = TensorDict(
             {
                 **extra,
@@ -253,6 +258,10 @@ class GroupRollout:
         if self._probe_diff is not None:  # the probe after the sync that produced these weights
             stats["weight_sync/probe_max_abs_diff"] = self._probe_diff
             self._probe_diff = None
+        if "token_version" in part:  # in-flight weight updates: how much of the batch newer weights sampled
+            newer = (part["token_version"] > policy_version) & resp_mask
+            stats.update({"inflight/new_token_fraction": newer.sum().item() / max(1, resp_mask.sum().item()),
+                          "inflight/versions_spanned": float(part["token_version"][resp_mask].max() - policy_version)})
         if shaping.dynamic_sampling:
             stats.update({"dynamic_sampling/groups_dropped": float(dropped),
                           "dynamic_sampling/rounds": float(rounds + 1)})
@@ -270,7 +279,7 @@ def _merge_groups(groups: list[tuple[dict[str, Any], int]], group_size: int, pad
     prompt_w = max(part["prompt"].shape[1] for part, _ in groups)
     resp_w = max(part["response"].shape[1] for part, _ in groups)
     out: dict[str, list] = {k: [] for k in ("rows", "prompt", "prompt_mask", "response", "response_mask",
-                                            "scores", "reward", "rollout_log_probs")}
+                                            "scores", "reward", "rollout_log_probs", "token_version")}
     failures, timeouts = {}, {}
     for part, g in groups:
         sl = rows_of(part, g)
@@ -282,8 +291,9 @@ def _merge_groups(groups: list[tuple[dict[str, Any], int]], group_size: int, pad
         pad_r = resp_w - resp.shape[1]
         out["response"].append(torch.nn.functional.pad(resp, (0, pad_r), value=pad_id))
         out["response_mask"].append(torch.nn.functional.pad(rmask, (0, pad_r), value=False))
-        if "rollout_log_probs" in part:
-            out["rollout_log_probs"].append(torch.nn.functional.pad(part["rollout_log_probs"][sl], (0, pad_r)))
+        for key in ("rollout_log_probs", "token_version"):
+            if key in part:
+                out[key].append(torch.nn.functional.pad(part[key][sl], (0, pad_r)))
         out["rows"] += part["rows"][sl]
         out["scores"] += part["scores"][sl]
         out["reward"].append(part["reward"][sl])
@@ -293,6 +303,7 @@ def _merge_groups(groups: list[tuple[dict[str, Any], int]], group_size: int, pad
               "response": torch.cat(out["response"]), "response_mask": torch.cat(out["response_mask"]),
               "scores": out["scores"], "reward": torch.cat(out["reward"]), "failures": sum(failures.values()),
               "timeouts": sum(timeouts.values())}
-    if out["rollout_log_probs"]:
-        merged["rollout_log_probs"] = torch.cat(out["rollout_log_probs"])
+    for key in ("rollout_log_probs", "token_version"):
+        if out[key]:
+            merged[key] = torch.cat(out[key])
     return merged

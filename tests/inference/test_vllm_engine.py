@@ -258,3 +258,51 @@ def test_held_out_evaluation_generates_with_the_engine(vllm_generator, policy, t
     assert m1 == m2 and texts == [[s["completion"] for s in r["samples"]] for r in again]
     assert texts != [[s["completion"] for s in r["samples"]] for r in other]
     assert any(len(set(t)) > 1 for t in texts)  # k samples of a prompt differ
+
+
+def test_in_flight_weight_update_spans_requests_with_exact_log_probs(vllm_generator, policy, tok, vllm_dir):
+    """mode.in_flight_updates at the engine: generation in chunks of 3 tokens, new weights loaded
+    before the second chunk. Requests that run past it carry both versions in their tokens, and each
+    token's vLLM log-prob is the one the trainer computes with that version's weights over the whole
+    sequence (fp32, 1e-4): the continuation is prefilled by the new weights, not their stale KV."""
+    import copy
+
+    from grpo_utils.algo.logprobs import response_log_probs
+    from grpo_utils.rollout.group import response_mask
+
+    old = policy
+    new = copy.deepcopy(old)
+    train_a_little(new, tok)
+    calls = []
+
+    def between_chunks() -> int:
+        calls.append(len(calls))
+        if len(calls) == 2:
+            vllm_generator.load_weights(new)
+        return 0 if len(calls) < 2 else 1
+
+    ro = rollout(vllm_generator, old, tok)
+    prompt, mask = ro.encode_prompts([row for row in ROWS for _ in range(2)])
+    vllm_generator.chunk_tokens, vllm_generator.between_chunks = 3, between_chunks
+    try:
+        response, log_probs = vllm_generator.generate(prompt, mask, (7,))
+        versions = vllm_generator.last_token_versions
+    finally:
+        vllm_generator.chunk_tokens = vllm_generator.between_chunks = None
+    resp_mask = response_mask(response, ro.stop_ids)
+    assert len(calls) >= 3 and versions.shape == response.shape
+    spans = [(versions[i][resp_mask[i]] == 0).any() and (versions[i][resp_mask[i]] == 1).any()
+             for i in range(len(response))]
+    assert any(spans)
+    # tokens 0-2 come from version 0, the rest from version 1
+    lengths = resp_mask.sum(-1)
+    for i in range(len(response)):
+        assert versions[i][: min(3, int(lengths[i]))].eq(0).all() and versions[i][3: int(lengths[i])].eq(1).all()
+    ids = torch.cat([prompt, response], 1)
+    attn = torch.cat([mask, resp_mask.long()], 1)
+    with torch.no_grad():
+        by_old = response_log_probs(old, ids, attn, prompt.shape[1], GEN.temperature)[0]
+        by_new = response_log_probs(new, ids, attn, prompt.shape[1], GEN.temperature)[0]
+    expected = torch.where(versions == 0, by_old, by_new)
+    assert (log_probs - expected)[resp_mask].abs().max() < 1e-4
+    assert (by_old - by_new)[resp_mask & (versions == 1)].abs().max() > 1e-2  # the versions do differ there

@@ -87,16 +87,21 @@ def test_sigterm_stops_a_vllm_run_with_one_line_and_leaves_no_process(env, vllm_
 
 
 @pytest.mark.ray
-def test_async_vllm_collectors_follow_the_trainer(env, vllm_dir, tmp_path):
+@pytest.mark.parametrize("in_flight", [False, True], ids=["between-batches", "in-flight"])
+def test_async_vllm_collectors_follow_the_trainer(env, vllm_dir, tmp_path, in_flight):
     from tests.distributed.test_async import run_async
 
     run_dir = tmp_path / "run"
     # The collective weight sync: bucketed broadcasts (gloo here, NCCL on GPUs) into the collector,
-    # which reloads the engine from the received tensors.
+    # which reloads the engine from the received tensors; in flight, between chunks of one token.
+    extra = ["mode.in_flight_updates=true", "mode.in_flight_chunk_tokens=1"] if in_flight else []
     run_async(env, "mode=async", *tiny_overrides(vllm_dir, run_dir, "train.max_steps=6", "mode.max_staleness=1",
-                                                 "mode.actor_timeout_s=120", "mode.weight_sync=collective"),
+                                                 "mode.actor_timeout_s=120", "mode.weight_sync=collective", *extra),
               timeout=300)
     lines = train_lines(run_dir)
+    if in_flight:  # every batch says how much of it weights newer than its first token's sampled
+        assert all(0 <= r["inflight/new_token_fraction"] <= 1 and r["inflight/versions_spanned"] >= 0
+                   for r in lines)
     assert [r["step"] for r in lines] == list(range(1, 7))
     assert all(0 <= r["staleness/max"] <= 1 for r in lines)
     versions = [r["policy_version"] for r in lines]
