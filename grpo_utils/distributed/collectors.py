@@ -177,14 +177,19 @@ class RolloutWorker:
                 "state": {"prompts": self.stream.state_dict(), "rng": capture_rng_state(), "version": self.version}}
 
     def run(self) -> None:
-        """Generate into the queue until the actor is killed."""
+        """Generate into the queue until the actor is killed. Each batch reports how long the
+        generator stood idle before it (``collector/idle_s``: blocked on the full queue)."""
+        idle = 0.0
         while True:
             payload = self.collect_batch()
-            deadline = time.monotonic() + self.timeout_s
+            payload["stats"]["collector/idle_s"] = idle
+            t0 = deadline = time.monotonic()
+            deadline += self.timeout_s
             while True:
                 try:
                     # The queue actor itself enforces the 1 s timeout; the ray.get bound is a backstop.
                     ray.get(self.queue.actor.put.remote(payload, 1.0), timeout=30)
+                    idle = time.monotonic() - t0
                     break
                 except (Full, ray.exceptions.GetTimeoutError):
                     if time.monotonic() > deadline:
