@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODELS = {"tiny": dict(hidden_size=64, num_layers=2, num_heads=1),
           "4M": dict(hidden_size=256, num_layers=6, num_heads=4),
-          "30M": dict(hidden_size=576, num_layers=10, num_heads=9)}
+          "30M": dict(hidden_size=576, num_layers=10, num_heads=8)}
 
 
 def skewed_batch(n: int, vocab: int, seed: int = 0):
