@@ -31,6 +31,19 @@ def quickstart_model_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"quickstart-{spec_hash(SPEC)}"
 
 
+def warm_start_examples(tok) -> list[tuple[str, str]]:
+    """The warm-start corpus: (chat prompt, answer) pairs, the skill in ``skill_fraction`` of them."""
+    rng = random.Random(SPEC["seed"])
+    # Warm-start prompts come from the training distribution only (seed 1 rows exclude held-out).
+    examples = []
+    for row in quickstart_rows(SPEC["num_examples"], seed=3):
+        prompt = tok.apply_chat_template([{"role": "user", "content": row["question"]}],
+                                         tokenize=False, add_generation_prompt=True)
+        answer = row["answer"] if rng.random() < SPEC["skill_fraction"] else str(row["digits"][0])
+        examples.append((prompt, answer))
+    return examples
+
+
 def ensure_quickstart_model(cache_dir: str | Path | None = None, verbose: bool = True) -> Path:
     """Path of the cached warm-started model; builds it (about 20 s on 2 cores) if absent."""
     target = quickstart_model_dir(cache_dir)
@@ -39,19 +52,12 @@ def ensure_quickstart_model(cache_dir: str | Path | None = None, verbose: bool =
     if verbose:
         print(f"Building the quick-start base model (once) into {target} ...", flush=True)
     tok = build_tokenizer()
-    model = build_model(tok, hidden_size=SPEC["hidden_size"], num_layers=SPEC["num_layers"],
-                        num_heads=SPEC["num_heads"], seed=SPEC["seed"])
-    rng = random.Random(SPEC["seed"])
-    # Warm-start prompts come from the training distribution only (seed 1 rows exclude held-out).
-    rows = quickstart_rows(SPEC["num_examples"], seed=3)
-    examples = []
-    for row in rows:
-        prompt = tok.apply_chat_template([{"role": "user", "content": row["question"]}],
-                                         tokenize=False, add_generation_prompt=True)
-        answer = row["answer"] if rng.random() < SPEC["skill_fraction"] else str(row["digits"][0])
-        examples.append((prompt, answer))
+    # Built under a forked RNG (build_model reseeds torch): the run that builds the cache then draws
+    # the same random numbers as every later run that finds it.
     with torch.random.fork_rng():
-        warm_start(model, tok, examples, steps=SPEC["steps"], batch_size=SPEC["batch_size"],
+        model = build_model(tok, hidden_size=SPEC["hidden_size"], num_layers=SPEC["num_layers"],
+                            num_heads=SPEC["num_heads"], seed=SPEC["seed"])
+        warm_start(model, tok, warm_start_examples(tok), steps=SPEC["steps"], batch_size=SPEC["batch_size"],
                    lr=SPEC["lr"], seed=SPEC["seed"])
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -114,3 +114,20 @@ def test_save_tiny_writes_a_loadable_pair(tmp_path):
     ids = torch.tensor([tok2(chat(tok2, "max 9 8 7"), add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_building_the_quickstart_model_leaves_the_callers_rng_alone(tmp_path, monkeypatch):
+    """The run that builds the cached quick-start model draws the same random numbers afterwards as
+    a run that finds it (the same seed gives the same run, first time or not). The warm start is
+    replaced by a few draws here (the real one takes ~20 s); the model's own init reseeds torch."""
+    from grpo_utils.models import quickstart
+
+    def draws(model, *args, **kwargs):
+        torch.rand(1000)
+
+    monkeypatch.setattr(quickstart, "warm_start", draws)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    path = quickstart.ensure_quickstart_model(tmp_path, verbose=False)
+    assert (path / "config.json").is_file()
+    assert torch.equal(torch.get_rng_state(), before)
