@@ -164,7 +164,7 @@ def overrides(a: argparse.Namespace, model_dir: Path, run_dir: Path, device: str
 
 
 def recipe_env() -> dict[str, str]:
-    """The recipe's environment: grpo_utils from this checkout first (nothing is installed on a lent
+    """The recipe's environment: grpo_utils from this checkout first (nothing is installed on a bare
     GPU machine), Hydra's full tracebacks in the run's log."""
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else ""), "HYDRA_FULL_ERROR": "1"}
