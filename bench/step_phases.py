@@ -74,7 +74,7 @@ def run_recipe(model: str, run_dir: str, a: argparse.Namespace) -> None:
     common_timers()
     patch(GroupRollout, "collect", "collect")
     patch(GroupRollout, "encode_prompts", "prompt encode")
-    patch(TransformersWrapper, "_generate_from_tokens", "TorchRL token path")
+    patch(TransformersWrapper, "forward", "TorchRL wrapper call")
     patch(RewardFunction, "__call__", "reward")
     patch(advantages, "assign_advantages", "advantages")
     for attr in ("__init__", "extend", "sample"):

@@ -296,9 +296,10 @@ def start_ray(plan: ResourcePlan, address: str | None = None) -> None:
             trainer_index = plan.trainer_device_index if plan.trainer_gpus else None
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(collector_gpu_ids(trainer_index, plan.cluster_gpus,
                                                                             plan.reference_gpu, plan.trainer_gpus))
-        ray.init(address="local", num_cpus=math.ceil(plan.ray_cpus), num_gpus=math.ceil(plan.ray_gpus),
-                 include_dashboard=False, logging_level="WARNING", log_to_driver=True, configure_logging=True)
-        _watch_local_cluster()
+        context = ray.init(address="local", num_cpus=math.ceil(plan.ray_cpus), num_gpus=math.ceil(plan.ray_gpus),
+                           include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+                           configure_logging=True)
+        _watch_local_cluster(context.address_info.get("session_dir"))
     else:
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True, configure_logging=True)
@@ -377,16 +378,12 @@ def shutdown_ray(actors: list) -> None:
 _WATCH = None
 
 
-def _watch_local_cluster() -> None:
+def _watch_local_cluster(session_dir: str | None) -> None:
     """Start the watchdog that removes the local cluster (processes and session directory) if this
-    process dies without shutting Ray down (``kill -9``): see :mod:`grpo_utils.distributed.watchdog`."""
+    process dies without shutting Ray down (``kill -9``): see :mod:`grpo_utils.distributed.watchdog`.
+    ``session_dir``: the cluster's, as ``ray.init``'s context reports it (``address_info``)."""
     global _WATCH
-    from ray._private import worker
-
     from grpo_utils.distributed import watchdog
 
-    # Ray has no public accessor for the session directory of the cluster ray.init started.
-    node = getattr(worker, "_global_node", None)
-    session_dir = node.get_session_dir_path() if node is not None else None
     if session_dir:
         _WATCH = (watchdog.start(session_dir), session_dir)

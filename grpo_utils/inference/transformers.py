@@ -42,18 +42,15 @@ def make_generator(model, tokenizer, gen_kwargs: dict[str, Any], return_log_prob
 def generate_tokens(generator, prompt: torch.Tensor, prompt_mask: torch.Tensor) -> TensorDict:
     """``generator`` (a token-mode ``TransformersWrapper`` from :func:`make_generator`) on a dense,
     left-padded prompt batch: a ``TensorDict`` with ``("tokens", "response")`` (and
-    ``("log_probs", "response")`` when the wrapper returns log-probs), as ``generator(td)`` gives.
+    ``("log_probs", "response")`` when the wrapper returns log-probs), through its public call.
 
-    The wrapper's ``forward`` first splits the batch into one lazily stacked TensorDict per row and
-    builds its outputs (text, tokens, masks tensorclasses) row by row: about 5 ms for 32 rows, a
-    tenth of a tiny model's step. Its token path, given the padded tensors and a dense output, makes
-    the same ``generate`` call with the same kwargs and fills the same outputs (same tokens, same
-    random draws) for about 1 ms. Falls back to ``forward`` if a TorchRL release drops that path.
+    The call splits the batch into one lazily stacked TensorDict per row and builds its outputs row
+    by row: about 5 ms for 32 rows, a tenth of a tiny model's step (bench/RESULTS.md). The wrapper's
+    private token path would skip that; it is not used (public API only): making the whole rollout
+    TorchRL's collector path fast is the engine work of its own.
     """
-    if not hasattr(generator, "_generate_from_tokens"):
-        td = TensorDict({"tokens": {"prompt": prompt}, "attention_mask": prompt_mask}, batch_size=[len(prompt)])
-        return generator(td)
-    return generator._generate_from_tokens(prompt, prompt_mask, None, TensorDict(batch_size=[len(prompt)]))
+    td = TensorDict({"tokens": {"prompt": prompt}, "attention_mask": prompt_mask}, batch_size=[len(prompt)])
+    return generator(td)
 
 
 class TransformersGenerator:

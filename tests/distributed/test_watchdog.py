@@ -26,7 +26,7 @@ plan = ResourcePlan(cluster_cpus=2, cluster_gpus=0, collector_cpus=1, collector_
                     trainer_cpus=1, trainer_gpus=0)
 start_ray(plan)
 import ray
-from ray._private import worker
+from grpo_utils.distributed import resources
 
 @ray.remote(num_cpus=1)
 class Actor:  # stands in for a collector: an actor's worker process, with a child of its own
@@ -39,7 +39,7 @@ actor = Actor.remote()
 ray.get(actor.start_child.remote())
 if sys.argv[1] == "sleep":
     time.sleep(4)  # the watchdog records the cluster's processes every 2 s: it has seen the child now
-print(worker._global_node.get_session_dir_path(), flush=True)
+print(resources._WATCH[1], flush=True)  # the session directory the watchdog watches
 if sys.argv[1] == "shutdown":
     sys.stdin.readline()  # the test has recorded the cluster's processes
     from grpo_utils.distributed.resources import shutdown_ray
