@@ -30,6 +30,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def padded_batch(prompt_lengths, response_lengths, generator):
+    """Token ids and attention mask of left-padded prompts followed by right-padded responses (a
+    response shorter than the widest ends in EOS), drawn from ``generator``; and the prompt width."""
+    import torch
+
+    wp, wr, b = max(prompt_lengths), max(response_lengths), len(prompt_lengths)
+    ids = torch.full((b, wp + wr), PAD)
+    attn = torch.zeros((b, wp + wr), dtype=torch.long)
+    for i, (lp, lr) in enumerate(zip(prompt_lengths, response_lengths)):
+        ids[i, wp - lp:wp] = torch.randint(1, 256, (lp,), generator=generator)
+        ids[i, wp:wp + lr] = torch.randint(1, 256, (lr,), generator=generator)
+        if lr < wr:
+            ids[i, wp + lr - 1] = EOS
+        attn[i, wp - lp:wp + lr] = 1
+    return ids, attn, wp
+
+
 def train_cfg(**overrides):
     """A ``train`` config section for PolicyTrainer, with ``overrides`` applied."""
     base = {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.99], "adam_eps": 1e-8, "max_grad_norm": 1e9,

@@ -18,23 +18,13 @@ from grpo_utils.models.lora import apply_lora
 from grpo_utils.models.tiny import build_model
 from grpo_utils.rollout.group import response_mask
 from grpo_utils.train.trainer import PolicyTrainer
+from tests import helpers
 from tests.algo.test_losses import PRESETS, build
-from tests.helpers import EOS, PAD, train_cfg
+from tests.helpers import EOS, train_cfg
 
 
 def padded_batch(prompt_lengths, response_lengths, seed=0):
-    """Left-padded prompts and right-padded responses (ending in EOS when shorter than the widest)."""
-    g = torch.Generator().manual_seed(seed)
-    wp, wr, b = max(prompt_lengths), max(response_lengths), len(prompt_lengths)
-    ids = torch.full((b, wp + wr), PAD)
-    attn = torch.zeros((b, wp + wr), dtype=torch.long)
-    for i, (lp, lr) in enumerate(zip(prompt_lengths, response_lengths)):
-        ids[i, wp - lp:wp] = torch.randint(1, 256, (lp,), generator=g)
-        ids[i, wp:wp + lr] = torch.randint(1, 256, (lr,), generator=g)
-        if lr < wr:
-            ids[i, wp + lr - 1] = EOS
-        attn[i, wp - lp:wp + lr] = 1
-    return ids, attn, wp
+    return helpers.padded_batch(prompt_lengths, response_lengths, torch.Generator().manual_seed(seed))
 
 
 def test_first_fit_rows_places_each_sequence_once_within_capacity():

@@ -19,7 +19,7 @@ from grpo_utils.algo.losses import ClippedSurrogateLoss
 from grpo_utils.models.tiny import build_model
 from grpo_utils.rollout.group import response_mask
 from grpo_utils.train.trainer import PolicyTrainer, make_optimizer, warmup_cosine
-from tests.helpers import EOS, PAD, train_cfg
+from tests.helpers import EOS, padded_batch, train_cfg
 
 PROMPT_LENGTHS = [3, 9, 5, 7, 4, 8, 6, 9]
 RESPONSE_LENGTHS = [5, 1, 3, 5, 2, 4, 5, 3]  # ragged; < 5 means it ended with EOS
@@ -29,15 +29,8 @@ def synthetic_batch(model, temperature: float) -> TensorDict:
     """Left-padded prompts, ragged responses, advantages of both signs and behaviour log-probs
     that differ from the current policy (ratios inside and outside the clip range)."""
     g = torch.Generator().manual_seed(0)
-    width_p, width_r, b = max(PROMPT_LENGTHS), 5, len(PROMPT_LENGTHS)
-    ids = torch.full((b, width_p + width_r), PAD)
-    attn = torch.zeros((b, width_p + width_r), dtype=torch.long)
-    for i, (lp, lr) in enumerate(zip(PROMPT_LENGTHS, RESPONSE_LENGTHS)):
-        ids[i, width_p - lp:width_p] = torch.randint(1, 256, (lp,), generator=g)
-        ids[i, width_p:width_p + lr] = torch.randint(1, 256, (lr,), generator=g)
-        if lr < width_r:
-            ids[i, width_p + lr - 1] = EOS
-        attn[i, width_p - lp:width_p + lr] = 1
+    ids, attn, width_p = padded_batch(PROMPT_LENGTHS, RESPONSE_LENGTHS, g)
+    b = len(PROMPT_LENGTHS)
     resp_mask = response_mask(ids[:, width_p:], EOS)
     assert resp_mask.sum(-1).tolist() == RESPONSE_LENGTHS
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.5, 0.0], dtype=torch.float64)
