@@ -87,6 +87,11 @@ def import_vllm():
     return vllm
 
 
+def _unpadded(prompt: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
+    """Each row's prompt token ids without its padding."""
+    return [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(prompt.tolist(), prompt_mask.tolist())]
+
+
 def request_seed(seed: int, key: tuple[int, ...], row: int) -> int:
     """A 63-bit seed for one request: the same (seed, key, row) always samples the same tokens."""
     digest = hashlib.blake2b(repr((seed, *key, row)).encode(), digest_size=8).digest()
@@ -169,7 +174,7 @@ class VLLMGenerator:
         one its version gives the whole sequence, and :attr:`last_token_versions` records that
         version per token. Unchanged weights reuse the cached prefix. Seeds are per request and
         chunk, so a resumed run samples the same tokens."""
-        rows = [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(prompt.tolist(), prompt_mask.tolist())]
+        rows = _unpadded(prompt, prompt_mask)
         n = len(rows)
         ids: list[list[int]] = [[] for _ in range(n)]
         log_probs: list[list[float]] = [[] for _ in range(n)]
@@ -198,20 +203,33 @@ class VLLMGenerator:
         width = max(1, max(len(row) for row in ids))
         self.last_token_versions = torch.tensor([row + [row[-1] if row else 0] * (width - len(row))
                                                  for row in versions], dtype=torch.long)
-        response = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in ids], dtype=torch.long)
-        return response, torch.tensor([row + [0.0] * (width - len(row)) for row in log_probs], dtype=torch.float32)
+        return self._pad(ids, log_probs)
 
     def _generate_rows(self, rows: list[list[int]], samplings: list[dict[str, Any]], seeds: list[int]):
-        """One ``LLM.generate`` call: prompt token lists, each with its own sampling settings and seed."""
+        """One ``LLM.generate`` call: prompt token lists, each with its sampling settings and seed;
+        the first completion of each."""
         self.wake_up()
-        longest = max(len(r) + s["max_tokens"] for r, s in zip(rows, samplings))
-        if longest > self.max_model_len:
-            raise DataError(f"a prompt + generation.max_new_tokens={self.sampling['max_tokens']} needs {longest} "
-                            f"positions, beyond the vLLM engine's context of {self.max_model_len} tokens "
+        needed, prompt_len, budget = max((len(row) + s["max_tokens"], len(row), s["max_tokens"])
+                                         for row, s in zip(rows, samplings))
+        if needed > self.max_model_len:
+            # vLLM would reject the request mid-run with a long message; say which knob to turn.
+            raise DataError(f"a prompt of {prompt_len} tokens + generation.max_new_tokens={budget} "
+                            f"exceeds the vLLM engine's context of {self.max_model_len} tokens "
                             "(inference_model.max_model_len)")
-        params = [self._sampling_params(**s, logprobs=0, stop_token_ids=self.stop_ids, seed=seed)
-                  for s, seed in zip(samplings, seeds)]
-        prompts = [self._tokens_prompt(prompt_token_ids=r) for r in rows]
+        # One validated SamplingParams per distinct setting, shallow-copied per request with its own
+        # seed; skip_clone: vLLM would otherwise deep-copy each one again (a tenth of a tiny model's
+        # generate call).
+        templates: dict[tuple, Any] = {}
+        params = []
+        for sampling, seed in zip(samplings, seeds):
+            key = tuple(sorted(sampling.items()))
+            if key not in templates:
+                templates[key] = self._sampling_params(**sampling, logprobs=0, stop_token_ids=self.stop_ids,
+                                                       skip_clone=True)
+            request = copy.copy(templates[key])
+            request.seed = seed
+            params.append(request)
+        prompts = [self._tokens_prompt(prompt_token_ids=row) for row in rows]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         if self.settings.sleep:
             self.sleep()
@@ -229,29 +247,16 @@ class VLLMGenerator:
 
     def _run(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, sampling: dict[str, Any], seed: int,
              seed_key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        self.wake_up()
-        # One validated SamplingParams, shallow-copied per request with its own seed; skip_clone:
-        # vLLM would otherwise deep-copy each one again (a tenth of a tiny model's generate call).
-        template = self._sampling_params(**sampling, logprobs=0, stop_token_ids=self.stop_ids, skip_clone=True)
-        longest = int(prompt_mask.sum(-1).max())
-        if longest + sampling["max_tokens"] > self.max_model_len:
-            # vLLM would reject the request mid-run with a long message; say which knob to turn.
-            raise DataError(f"a prompt of {longest} tokens + generation.max_new_tokens={sampling['max_tokens']} "
-                            f"exceeds the vLLM engine's context of {self.max_model_len} tokens "
-                            "(inference_model.max_model_len)")
-        prompts, params = [], []
-        for i, (ids, mask) in enumerate(zip(prompt.tolist(), prompt_mask.tolist())):
-            prompts.append(self._tokens_prompt(prompt_token_ids=[t for t, m in zip(ids, mask) if m]))
-            request = copy.copy(template)
-            request.seed = request_seed(seed, seed_key, i)
-            params.append(request)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        if self.settings.sleep:
-            self.sleep()
-        samples = [out.outputs[0] for out in outputs]
-        width = max(1, max(len(sample.token_ids) for sample in samples))
+        rows = _unpadded(prompt, prompt_mask)
+        samples = self._generate_rows(rows, [sampling] * len(rows),
+                                      [request_seed(seed, seed_key, i) for i in range(len(rows))])
         ids = [list(sample.token_ids) for sample in samples]
         log_probs = [[step[t].logprob for t, step in zip(row, sample.logprobs)] for row, sample in zip(ids, samples)]
+        return self._pad(ids, log_probs)
+
+    def _pad(self, ids: list[list[int]], log_probs: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response ids right-padded with the pad id (as ``generate`` gives) and their log-probs (0 there)."""
+        width = max(1, max(len(row) for row in ids))
         response = torch.tensor([row + [self.pad_id] * (width - len(row)) for row in ids], dtype=torch.long)
         return response, torch.tensor([row + [0.0] * (width - len(row)) for row in log_probs], dtype=torch.float32)
 
